@@ -1,0 +1,1 @@
+"""Patch encoders behind one registry (see ``feature_extraction.encoders.registry``)."""

@@ -1,0 +1,5 @@
+import sys
+
+from milkit.cli import main
+
+sys.exit(main())

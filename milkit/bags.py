@@ -1,0 +1,343 @@
+"""HDF5 bag I/O: the contract between preprocessing and training (DESIGN §3).
+
+One ``<slide_id>.h5`` per slide with ``features`` (N, D) and ``coords`` (N, 2) level-0 top-left
+pixels in raster order, plus provenance attributes. Files are readable unchanged by CLAM and
+TRIDENT (they index datasets by name); we also read their outputs and legacy ``.pt`` tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from milkit.atomic import PARTIAL_SUFFIX, atomic_path
+from milkit.errors import MilkitError
+
+FORMAT_VERSION = 1
+BAG_SUFFIXES = (".h5", ".hdf5", ".pt")
+COORDS_FRAME = "level0_px_top_left"
+_CHUNK_BYTES = 2 * 1024 * 1024  # ~2 MiB row blocks: fast sequential reads, cheap slicing
+
+
+def _to_attr(value: Any) -> Any:
+    """Convert a Python value into something HDF5 stores and CLAM/TRIDENT can read back."""
+    if value is None:
+        return "None"  # TRIDENT's convention for missing values
+    if isinstance(value, Mapping):
+        return json.dumps(value, sort_keys=True, default=str)
+    if isinstance(value, (list, tuple)):
+        arr = np.asarray(value)
+        if arr.dtype.kind in "biuf":
+            return arr
+        return json.dumps(list(value), default=str)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _from_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _attrs_dict(attrs: h5py.AttributeManager) -> dict[str, Any]:
+    return {key: _from_attr(attrs[key]) for key in attrs}
+
+
+def chunk_rows(dim: int, itemsize: int) -> int:
+    """Rows per HDF5 chunk so that one chunk holds about 2 MiB."""
+    return max(1, _CHUNK_BYTES // max(1, dim * itemsize))
+
+
+def raster_order(coords: np.ndarray) -> np.ndarray:
+    """Indices that sort level-0 coordinates in canonical raster order (by y, then x)."""
+    coords = np.asarray(coords)
+    if len(coords) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.lexsort((coords[:, 0], coords[:, 1]))
+
+
+@dataclass(frozen=True)
+class Bag:
+    """One slide's bag as loaded from disk.
+
+    ``coords`` is None only for legacy ``.pt`` bags, which carry features alone.
+    """
+
+    path: Path
+    features: np.ndarray
+    coords: np.ndarray | None
+    features_attrs: dict[str, Any] = field(default_factory=dict)
+    coords_attrs: dict[str, Any] = field(default_factory=dict)
+    root_attrs: dict[str, Any] = field(default_factory=dict)
+    source: str = "milkit"  # "milkit" | "trident" | "clam" | "pt"
+
+    @property
+    def num_instances(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def slide_id(self) -> str:
+        return str(self.root_attrs.get("slide_id", slide_id_from_path(self.path)))
+
+
+@dataclass(frozen=True)
+class BagHeader:
+    """Shape and attributes of a bag, read without loading its features."""
+
+    path: Path
+    num_instances: int
+    dim: int
+    dtype: str
+    has_coords: bool
+    features_attrs: dict[str, Any]
+    coords_attrs: dict[str, Any]
+    root_attrs: dict[str, Any]
+    source: str
+
+
+def slide_id_from_path(path: str | os.PathLike[str]) -> str:
+    """Slide id of a bag file: its name without the bag suffix (and TRIDENT's ``_patches``)."""
+    name = Path(path).name
+    for suffix in BAG_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name
+
+
+def write_bag(
+    path: str | os.PathLike[str],
+    features: np.ndarray,
+    coords: np.ndarray,
+    *,
+    coords_attrs: Mapping[str, Any] | None = None,
+    features_attrs: Mapping[str, Any] | None = None,
+    root_attrs: Mapping[str, Any] | None = None,
+    dtype: str | np.dtype = "float32",
+) -> Path:
+    """Write one bag atomically (``.partial`` → fsync → ``os.replace``).
+
+    Rows are put into canonical raster order (sort by y, then x) if they are not already.
+
+    Args:
+        path: destination ``<slide_id>.h5``.
+        features: (N, D) instance features; N may be 0 (a slide without tissue).
+        coords: (N, 2) level-0 (x, y) of each tile's top-left corner.
+        coords_attrs: patch geometry (TRIDENT + CLAM + milkit keys, DESIGN §3).
+        features_attrs: encoder provenance (``encoder``, ``embed_dim``, ``precision``, ...).
+        root_attrs: slide provenance (``slide_id``, ``slide_path``, ``slide_sha256``, ...).
+        dtype: ``float32`` (default) or ``float16``.
+    """
+    from milkit import __version__
+
+    path = Path(path)
+    features = np.asarray(features)
+    coords = np.asarray(coords)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float16):
+        raise MilkitError("bag dtype must be float32 or float16", value=str(dtype), path=path)
+    if features.ndim != 2:
+        raise MilkitError("features must be a 2-D array (N, D)", value=features.shape, path=path)
+    if coords.shape != (features.shape[0], 2):
+        raise MilkitError(
+            f"coords must have shape ({features.shape[0]}, 2) to match features",
+            value=coords.shape,
+            path=path,
+        )
+    order = raster_order(coords)
+    if len(order) and not np.array_equal(order, np.arange(len(order))):
+        features, coords = features[order], coords[order]
+    n, dim = features.shape
+    rows = chunk_rows(dim, dtype.itemsize)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        feats = f.create_dataset(
+            "features",
+            data=features.astype(dtype, copy=False),
+            maxshape=(None, dim),
+            chunks=(max(1, min(rows, n)), max(1, dim)),
+        )
+        crd = f.create_dataset(
+            "coords",
+            data=coords.astype(np.int64, copy=False),
+            maxshape=(None, 2),
+            chunks=(max(1, min(chunk_rows(2, 8), n)), 2),
+        )
+        cattrs = {"coords_frame": COORDS_FRAME, **dict(coords_attrs or {})}
+        for key, value in cattrs.items():
+            crd.attrs[key] = _to_attr(value)
+        fattrs = {"embed_dim": dim, "precision": dtype.name, **dict(features_attrs or {})}
+        for key, value in fattrs.items():
+            feats.attrs[key] = _to_attr(value)
+        rattrs = {
+            "milkit_format": FORMAT_VERSION,
+            "created_by": f"milkit {__version__}",
+            "slide_id": slide_id_from_path(path),
+            **dict(root_attrs or {}),
+        }
+        for key, value in rattrs.items():
+            f.attrs[key] = _to_attr(value)
+    return path
+
+
+def _open_h5(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError as err:
+        raise MilkitError("bag file not found", path=path) from err
+    except OSError as err:
+        raise MilkitError(
+            f"cannot open bag as HDF5 ({err})",
+            path=path,
+            hint="The file is corrupt or incomplete; delete it and rerun preprocessing",
+        ) from err
+
+
+def _h5_source(f: h5py.File) -> str:
+    if "milkit_format" in f.attrs:
+        return "milkit"
+    if "coords" in f and "level0_magnification" in f["coords"].attrs:
+        return "trident"
+    return "clam"
+
+
+def _check_h5_layout(f: h5py.File, path: Path) -> None:
+    if "features" not in f:
+        keys = sorted(f.keys())
+        hint = "Pass the feature file (with a 'features' dataset), not the patch/coords file"
+        raise MilkitError(f"bag has no 'features' dataset (datasets: {keys})", path=path, hint=hint)
+    ds = f["features"]
+    if ds.ndim != 2:
+        raise MilkitError("bag 'features' must be 2-D (N, D)", value=ds.shape, path=path)
+    if "coords" in f and f["coords"].shape != (ds.shape[0], 2):
+        raise MilkitError(
+            f"bag 'coords' shape does not match features ({ds.shape[0]}, 2)",
+            value=f["coords"].shape,
+            path=path,
+        )
+
+
+def read_bag_header(path: str | os.PathLike[str]) -> BagHeader:
+    """Shape, dtype and attributes of a bag without reading its features."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        bag = read_bag(path)
+        return BagHeader(
+            path, bag.num_instances, bag.dim, str(bag.features.dtype), False, {}, {}, {}, "pt"
+        )
+    with _open_h5(path) as f:
+        _check_h5_layout(f, path)
+        ds = f["features"]
+        has_coords = "coords" in f
+        return BagHeader(
+            path=path,
+            num_instances=int(ds.shape[0]),
+            dim=int(ds.shape[1]),
+            dtype=str(ds.dtype),
+            has_coords=has_coords,
+            features_attrs=_attrs_dict(ds.attrs),
+            coords_attrs=_attrs_dict(f["coords"].attrs) if has_coords else {},
+            root_attrs=_attrs_dict(f.attrs),
+            source=_h5_source(f),
+        )
+
+
+def _read_pt(path: Path) -> Bag:
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise MilkitError(
+            f"cannot load legacy .pt bag ({type(err).__name__}: {err})",
+            path=path,
+            hint="Legacy bags must hold a plain (N, D) tensor; convert others to HDF5",
+        ) from err
+    arr = obj.numpy() if isinstance(obj, torch.Tensor) else np.asarray(obj)
+    if arr.ndim != 2:
+        raise MilkitError("legacy .pt bag must hold an (N, D) tensor", value=arr.shape, path=path)
+    return Bag(path=path, features=np.ascontiguousarray(arr), coords=None, source="pt")
+
+
+def read_bag(path: str | os.PathLike[str], *, load_coords: bool = True) -> Bag:
+    """Load a bag written by milkit, TRIDENT or CLAM (``.h5``) or a legacy ``.pt`` tensor."""
+    path = Path(path)
+    if path.name.endswith(PARTIAL_SUFFIX):
+        raise MilkitError("refusing to read an incomplete bag (.partial)", path=path)
+    if path.suffix == ".pt":
+        if not path.exists():
+            raise MilkitError("bag file not found", path=path)
+        return _read_pt(path)
+    with _open_h5(path) as f:
+        _check_h5_layout(f, path)
+        ds = f["features"]
+        features = np.empty(ds.shape, dtype=ds.dtype)
+        if features.size:
+            ds.read_direct(features)
+        coords = None
+        if load_coords and "coords" in f:
+            cds = f["coords"]
+            coords = np.empty(cds.shape, dtype=np.int64)
+            if coords.size:
+                cds.read_direct(coords)
+        return Bag(
+            path=path,
+            features=features,
+            coords=coords,
+            features_attrs=_attrs_dict(ds.attrs),
+            coords_attrs=_attrs_dict(f["coords"].attrs) if "coords" in f else {},
+            root_attrs=_attrs_dict(f.attrs),
+            source=_h5_source(f),
+        )
+
+
+def is_complete_bag(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a finished milkit bag (used by resume: everything else is redone)."""
+    path = Path(path)
+    if not path.is_file() or path.name.endswith(PARTIAL_SUFFIX):
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return "milkit_format" in f.attrs and "features" in f and "coords" in f
+    except OSError:
+        return False
+
+
+def find_bag(bags_dir: str | os.PathLike[str], slide_id: str) -> Path | None:
+    """Locate the bag of ``slide_id`` in ``bags_dir`` (``.h5`` first, then ``.hdf5``, ``.pt``)."""
+    bags_dir = Path(bags_dir)
+    for suffix in BAG_SUFFIXES:
+        candidate = bags_dir / f"{slide_id}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def list_bags(bags_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """All bags in a folder by slide id (``.h5`` preferred over ``.pt`` for the same id)."""
+    bags_dir = Path(bags_dir)
+    if not bags_dir.is_dir():
+        raise MilkitError("bags folder not found", path=bags_dir)
+    found: dict[str, Path] = {}
+    for suffix in reversed(BAG_SUFFIXES):
+        for p in sorted(bags_dir.glob(f"*{suffix}")):
+            found[slide_id_from_path(p)] = p
+    return dict(sorted(found.items()))

@@ -1,0 +1,68 @@
+"""The ``milkit`` command: a thin dispatcher over ``milkit.commands.*``.
+
+Each command module defines ``register(subparsers)`` which adds its parser and sets
+``func=run``; modules import heavy libraries (torch, openslide) inside ``run`` only, so that
+``milkit --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Order shown in `milkit --help`.
+COMMAND_MODULES = (
+    "preprocess",
+    "info",
+    "train",
+    "evaluate",
+    "predict",
+    "heatmap",
+    "check",
+    "models",
+    "demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from milkit import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="milkit",
+        description="Multiple-instance learning for computational pathology.",
+    )
+    parser.add_argument("--version", action="version", version=f"milkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"milkit.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"milkit.commands.{name}":
+                raise
+            continue  # a command not built yet
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from milkit.errors import MilkitError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MilkitError as err:
+        print(f"milkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"milkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
