@@ -47,11 +47,16 @@ class MILModel(nn.Module):
       i.e. adding an instance can never lower the positive-class score.
     - ``supports_padding``: padded batches with a mask give per-bag results; otherwise the model
       raises a clear error for B > 1.
+    - ``training_preset``: the official training recipe of the paper's code, as keyword values of
+      ``milkit.train.TrainConfig`` (e.g. ``{"optimizer": "adam", "lr": 2e-4, "weight_decay": 1e-5,
+      "epochs": 200, "scheduler": "cosine", "batch_size": 1}``); the trainer's ``--preset official``
+      uses it. Empty means "use the trainer's defaults".
     """
 
     permutation_invariant: ClassVar[bool] = True
     mil_respecting: ClassVar[bool] = False
     supports_padding: ClassVar[bool] = True
+    training_preset: ClassVar[dict[str, Any]] = {}
 
     in_dim: int
     num_classes: int
