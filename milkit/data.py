@@ -1,0 +1,643 @@
+"""Training data: the labels table, bag datasets, batching and class balancing (DESIGN §6).
+
+The labels CSV (``slide_id,label[,case_id][,split]``) is validated against the bags folder BEFORE
+training starts, and every problem is reported by slide id in one error, so a user fixes the
+cohort once instead of once per crash. Datasets yield one bag per item; ``collate_bags`` pads a
+batch of bags to a common length with a mask, the batch format of ``models.base``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, WeightedRandomSampler
+
+from milkit.bags import BagHeader, find_bag, read_bag, read_bag_header
+from milkit.errors import MilkitError
+
+SPLIT_NAMES = ("train", "val", "test")
+_SPLIT_ALIASES = {"validation": "val", "valid": "val", "training": "train", "testing": "test"}
+_SHOW_PER_KIND = 5  # ids listed per problem kind before "... and N more"
+_SCAN_CHUNK_BYTES = 16 * 1024 * 1024  # NaN/inf scan reads ~16 MiB at a time
+
+
+# --------------------------------------------------------------------------------------------
+# Labels table
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelTable:
+    """A validated cohort: one row per slide, with its label, case and bag file.
+
+    Attributes:
+        frame: columns ``slide_id`` (str), ``label`` (str), ``label_idx`` (int, indexes
+            ``class_names``), ``case_id`` (str, defaults to ``slide_id``), ``bag_path`` (str) and,
+            when the CSV has one, ``split`` (``train``/``val``/``test``).
+        class_names: sorted unique labels.
+        in_dim: feature dimension shared by every bag.
+        csv_path: the labels CSV this table was read from (None when built in memory).
+        bags_dir: the folder the bags were found in.
+    """
+
+    frame: pd.DataFrame
+    class_names: list[str]
+    in_dim: int
+    csv_path: Path | None = None
+    bags_dir: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def slide_ids(self) -> list[str]:
+        return self.frame["slide_id"].tolist()
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Integer labels (``label_idx``) in row order."""
+        return self.frame["label_idx"].to_numpy(dtype=np.int64)
+
+    @property
+    def has_split(self) -> bool:
+        return "split" in self.frame.columns
+
+    def subset(self, slide_ids: Iterable[str]) -> LabelTable:
+        """The rows of ``slide_ids`` in the given order (unknown ids raise a MilkitError)."""
+        slide_ids = list(slide_ids)
+        index = pd.Index(self.frame["slide_id"])
+        pos = index.get_indexer(slide_ids)
+        unknown = [s for s, p in zip(slide_ids, pos, strict=True) if p < 0]
+        if unknown:
+            raise MilkitError(
+                f"{len(unknown)} slide id(s) are not in the labels table: {_show(unknown)}",
+                path=self.csv_path,
+                hint="Check that the split file belongs to this labels CSV",
+            )
+        frame = self.frame.iloc[pos].reset_index(drop=True)
+        return LabelTable(frame, list(self.class_names), self.in_dim, self.csv_path, self.bags_dir)
+
+
+def _show(items: Sequence[Any], limit: int = _SHOW_PER_KIND) -> str:
+    shown = ", ".join(str(x) for x in items[:limit])
+    if len(items) > limit:
+        shown += f", ... and {len(items) - limit} more"
+    return shown
+
+
+def _read_labels_csv(csv_path: Path, label_column: str) -> pd.DataFrame:
+    if not csv_path.is_file():
+        raise MilkitError("labels CSV not found", path=csv_path)
+    try:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise MilkitError(
+            f"cannot parse labels CSV ({type(err).__name__}: {err})",
+            path=csv_path,
+            hint="Write a comma-separated file with a header: slide_id,label[,case_id][,split]",
+        ) from err
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in ("slide_id", label_column) if c not in frame.columns]
+    if missing:
+        raise MilkitError(
+            f"labels CSV lacks column(s) {missing}; it has {list(frame.columns)}",
+            path=csv_path,
+            hint="The header must be slide_id,label[,case_id][,split] "
+            "(or pass the label column's name)",
+        )
+    for col in frame.columns:
+        frame[col] = frame[col].astype(str).str.strip()
+    return frame
+
+
+def _scan_finite(path: Path) -> bool:
+    """True when every feature value of the bag is finite; reads ~16 MiB blocks."""
+    if path.suffix == ".pt":
+        return bool(np.isfinite(read_bag(path).features).all())
+    with h5py.File(path, "r") as f:
+        ds = f["features"]
+        n, dim = ds.shape
+        if n == 0:
+            return True
+        rows = max(1, _SCAN_CHUNK_BYTES // max(1, dim * ds.dtype.itemsize))
+        buf = np.empty((min(rows, n), dim), dtype=ds.dtype)
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            view = buf[: stop - start]
+            ds.read_direct(view, np.s_[start:stop])
+            if not np.isfinite(view).all():
+                return False
+    return True
+
+
+def load_labels(
+    csv_path: str | os.PathLike[str],
+    bags_dir: str | os.PathLike[str],
+    *,
+    label_column: str = "label",
+    check_finite: bool = True,
+    class_names: Sequence[str] | None = None,
+) -> LabelTable:
+    """Read and validate a labels CSV against a bags folder.
+
+    Every problem is collected first and then reported in ONE ``MilkitError`` listing the
+    offending slide ids per kind: duplicated ids, empty labels, labels outside ``class_names``,
+    a single class, missing/unreadable bags, empty bags, mixed feature dimensions and
+    (``check_finite``) NaN/inf features. The exception also carries ``err.problems``
+    (kind -> list of slide ids).
+
+    Args:
+        csv_path: ``slide_id,label[,case_id][,split]`` (extra columns are kept).
+        bags_dir: folder with ``<slide_id>.h5`` (or ``.hdf5``/``.pt``) bags.
+        label_column: name of the label column.
+        check_finite: scan every bag for NaN/inf (reads all features once, in blocks).
+        class_names: the known classes (e.g. a trained model's label map); labels outside it are
+            errors and a single present class is allowed. Default: the sorted unique labels.
+    """
+    csv_path = Path(csv_path)
+    bags_dir = Path(bags_dir)
+    frame = _read_labels_csv(csv_path, label_column)
+    if not bags_dir.is_dir():
+        raise MilkitError("bags folder not found", path=bags_dir)
+    problems: dict[str, list[str]] = {}
+
+    def report(kind: str, slide_id: str) -> None:
+        problems.setdefault(kind, []).append(slide_id)
+
+    if label_column != "label":
+        frame = frame.drop(columns=[c for c in ("label",) if c in frame.columns])
+        frame = frame.rename(columns={label_column: "label"})
+    if len(frame) == 0:
+        raise MilkitError("labels CSV has no rows", path=csv_path)
+    for sid in frame.loc[frame["slide_id"] == "", "slide_id"].index:
+        report("empty slide_id (row number)", str(int(sid) + 2))
+    dup = frame["slide_id"][frame["slide_id"].duplicated(keep="first") & (frame["slide_id"] != "")]
+    for sid in sorted(set(dup)):
+        report("duplicated slide_id", sid)
+    frame = frame[frame["slide_id"] != ""].drop_duplicates("slide_id", keep="first")
+    frame = frame.reset_index(drop=True)
+
+    for sid in frame.loc[frame["label"] == "", "slide_id"]:
+        report("empty label", sid)
+    labelled = frame["label"] != ""
+    if class_names is None:
+        names = sorted(set(frame.loc[labelled, "label"]))
+        if len(names) == 1:
+            report(f"only one class ({names[0]!r}); need at least two", "all slides")
+    else:
+        names = [str(c) for c in class_names]
+        for sid, lab in frame.loc[labelled, ["slide_id", "label"]].itertuples(index=False):
+            if lab not in names:
+                report(f"label not in the known classes {names}", f"{sid} ({lab!r})")
+
+    if "case_id" in frame.columns:
+        frame["case_id"] = frame["case_id"].where(frame["case_id"] != "", frame["slide_id"])
+    else:
+        frame["case_id"] = frame["slide_id"]
+    if "split" in frame.columns:
+        split = frame["split"].str.lower().replace(_SPLIT_ALIASES)
+        for sid, value in frame.loc[~split.isin(SPLIT_NAMES), ["slide_id", "split"]].itertuples(
+            index=False
+        ):
+            report("split not train/val/test", f"{sid} ({value!r})")
+        frame["split"] = split
+
+    headers: dict[str, BagHeader] = {}
+    paths: list[str] = []
+    for sid in frame["slide_id"]:
+        path = find_bag(bags_dir, sid)
+        if path is None:
+            report("missing bag", sid)
+            paths.append("")
+            continue
+        paths.append(str(path))
+        try:
+            header = read_bag_header(path)
+        except MilkitError as err:
+            report("unreadable bag", f"{sid} ({err.what})")
+            continue
+        headers[sid] = header
+        if header.num_instances == 0:
+            report("empty bag (0 instances)", sid)
+        elif check_finite:
+            try:
+                finite = _scan_finite(path)
+            except (OSError, MilkitError) as err:
+                report("unreadable bag", f"{sid} ({err})")
+                continue
+            if not finite:
+                report("NaN/inf features", sid)
+    frame["bag_path"] = paths
+
+    dims = Counter(h.dim for h in headers.values())
+    in_dim = dims.most_common(1)[0][0] if dims else 0
+    if len(dims) > 1:
+        for sid, header in headers.items():
+            if header.dim != in_dim:
+                report(
+                    f"feature dim differs from the majority D={in_dim}", f"{sid} (D={header.dim})"
+                )
+
+    if problems:
+        total = sum(len(v) for v in problems.values())
+        lines = [f"{kind} ({len(ids)}): {_show(ids)}" for kind, ids in problems.items()]
+        err = MilkitError(
+            f"labels CSV failed validation with {total} problem(s): " + "; ".join(lines),
+            path=csv_path,
+            hint=f"Fix the CSV or the bags in {bags_dir} and rerun; nothing was trained",
+        )
+        err.problems = problems  # type: ignore[attr-defined]
+        raise err
+
+    index = {name: i for i, name in enumerate(names)}
+    frame["label_idx"] = frame["label"].map(index).astype(np.int64)
+    first = ["slide_id", "label", "label_idx", "case_id"]
+    rest = [c for c in frame.columns if c not in first]
+    frame = frame[first + rest]
+    return LabelTable(frame, list(names), int(in_dim), csv_path, bags_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+
+
+class _AugmentMixin:
+    """Training-time augmentations shared by the bag datasets.
+
+    Off by default; ``train(True)`` switches them on. Instance subsampling keeps the chosen rows in
+    their original (raster) order, since order-sensitive models (R2T, MambaMIL, TransMIL) depend
+    on it. Feature dropout zeroes single feature values with probability p and rescales the rest
+    by 1 / (1 - p) (inverted dropout, as ``torch.nn.functional.dropout``), so evaluation needs no
+    correction.
+    """
+
+    max_instances: int | None
+    feature_dropout: float
+    seed: int
+    training: bool
+
+    def _init_augment(self, max_instances: int | None, feature_dropout: float, seed: int) -> None:
+        if max_instances is not None and max_instances < 1:
+            raise MilkitError("max_instances must be a positive integer", value=max_instances)
+        if not 0.0 <= feature_dropout < 1.0:
+            raise MilkitError("feature_dropout must be in [0, 1)", value=feature_dropout)
+        self.max_instances = max_instances
+        self.feature_dropout = float(feature_dropout)
+        self.seed = int(seed)
+        self.training = False
+        self._epoch = 0
+        self._rng: np.random.Generator | None = None
+        self._rng_key: tuple[int, ...] | None = None
+
+    def train(self, mode: bool = True) -> Any:
+        """Switch augmentations on (``True``) or off; returns the dataset."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> Any:
+        return self.train(False)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the augmentations for ``epoch`` (reproducible runs, also across resumes)."""
+        self._epoch = int(epoch)
+        self._rng = None
+
+    def _generator(self) -> np.random.Generator:
+        # A DataLoader worker gets a fresh per-epoch seed from torch (worker_info.seed), derived
+        # from the loader's generator, so worker runs stay reproducible under a fixed torch seed.
+        info = torch.utils.data.get_worker_info()
+        key = (self.seed, self._epoch) if info is None else (self.seed, self._epoch, info.seed)
+        if self._rng is None or self._rng_key != key:
+            self._rng = np.random.default_rng(key)
+            self._rng_key = key
+        return self._rng
+
+    def _augment(
+        self, features: torch.Tensor, coords: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.training:
+            return features, coords
+        rng = None
+        n = features.shape[0]
+        if self.max_instances is not None and n > self.max_instances:
+            rng = self._generator()
+            keep = np.sort(rng.choice(n, size=self.max_instances, replace=False))
+            idx = torch.from_numpy(keep)
+            features = features.index_select(0, idx)
+            coords = None if coords is None else coords.index_select(0, idx)
+        if self.feature_dropout > 0.0:
+            rng = rng or self._generator()
+            p = self.feature_dropout
+            keep_mask = rng.random(tuple(features.shape), dtype=np.float32) >= p
+            features = features * torch.from_numpy(keep_mask).to(features.dtype) / (1.0 - p)
+        return features, coords
+
+
+def _item(features: torch.Tensor, coords: torch.Tensor | None, label: int, sid: str) -> dict:
+    return {"features": features, "coords": coords, "label": int(label), "slide_id": sid}
+
+
+def _read_h5_arrays(path: Path, load_coords: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features (as float32) and coords of one HDF5 bag with ``read_direct`` (no extra copies)."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise MilkitError(f"cannot open bag as HDF5 ({err})", path=path) from err
+    with f:
+        if "features" not in f:
+            raise MilkitError("bag has no 'features' dataset", path=path)
+        ds = f["features"]
+        features = np.empty(ds.shape, dtype=ds.dtype)
+        if features.size:
+            ds.read_direct(features)
+        if features.dtype != np.float32:
+            features = features.astype(np.float32)
+        coords = None
+        if load_coords and "coords" in f:
+            cds = f["coords"]
+            coords = np.empty(cds.shape, dtype=np.int64)
+            if coords.size:
+                cds.read_direct(coords)
+    return features, coords
+
+
+class BagDataset(_AugmentMixin, Dataset):
+    """Bags read lazily from disk, one slide per item.
+
+    Item: ``{"features": float32 (N, D), "coords": int64 (N, 2) | None, "label": int,
+    "slide_id": str}``. Files are opened per item (safe with DataLoader workers, which must not
+    share HDF5 handles). ``cache=True`` keeps loaded bags in memory (per process).
+
+    Args:
+        paths: bag files (``.h5``/``.hdf5`` or legacy ``.pt``).
+        labels: integer labels, one per path; None gives -1 (prediction without labels).
+        slide_ids: names; default from the file names.
+        cache: keep loaded bags in memory.
+        max_instances: in training mode, subsample larger bags to this many instances.
+        feature_dropout: in training mode, drop feature values with this probability.
+        load_coords: read ``coords`` (needed by coordinate-aware models and heatmaps).
+        seed: seed of the augmentations.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        labels: Sequence[int] | np.ndarray | None = None,
+        slide_ids: Sequence[str] | None = None,
+        *,
+        cache: bool = False,
+        max_instances: int | None = None,
+        feature_dropout: float = 0.0,
+        load_coords: bool = True,
+        seed: int = 0,
+    ) -> None:
+        from milkit.bags import slide_id_from_path
+
+        self.paths = [Path(p) for p in paths]
+        n = len(self.paths)
+        self.labels = _as_labels(labels, n)
+        self.slide_ids = (
+            [slide_id_from_path(p) for p in self.paths]
+            if slide_ids is None
+            else [str(s) for s in slide_ids]
+        )
+        if len(self.slide_ids) != n:
+            raise MilkitError(
+                f"got {n} bag paths but {len(self.slide_ids)} slide ids", value=len(self.slide_ids)
+            )
+        self.cache = bool(cache)
+        self.load_coords = bool(load_coords)
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._init_augment(max_instances, feature_dropout, seed)
+
+    @classmethod
+    def from_table(
+        cls, table: LabelTable, slide_ids: Sequence[str] | None = None, **kwargs: Any
+    ) -> BagDataset:
+        """The bags of ``table`` (or of ``slide_ids`` from it, in that order) with their labels."""
+        sub = table if slide_ids is None else table.subset(slide_ids)
+        frame = sub.frame
+        return cls(
+            frame["bag_path"].tolist(),
+            frame["label_idx"].to_numpy(dtype=np.int64),
+            frame["slide_id"].tolist(),
+            **kwargs,
+        )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features (float32) and coords of bag ``index``, without augmentation."""
+        if index in self._cache:
+            return self._cache[index]
+        path = self.paths[index]
+        if path.suffix == ".pt":
+            bag = read_bag(path)
+            feats, crd = bag.features.astype(np.float32, copy=False), bag.coords
+        else:
+            if not path.is_file():
+                raise MilkitError("bag file not found", path=path)
+            feats, crd = _read_h5_arrays(path, self.load_coords)
+        features = torch.from_numpy(np.ascontiguousarray(feats))
+        coords = torch.from_numpy(crd) if (crd is not None and self.load_coords) else None
+        if self.cache:
+            self._cache[index] = (features, coords)
+        return features, coords
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        features, coords = self.load(index)
+        features, coords = self._augment(features, coords)
+        return _item(features, coords, int(self.labels[index]), self.slide_ids[index])
+
+
+class InMemoryBagDataset(_AugmentMixin, Dataset):
+    """Bags held in memory (synthetic MIL tasks, the Musk benchmarks); same items as BagDataset.
+
+    Args:
+        bags: (N_i, D) arrays or tensors, one per bag.
+        labels: integer bag labels.
+        slide_ids: names; default ``bag_0``, ``bag_1``, ...
+        coords: optional (N_i, 2) coordinates per bag.
+        max_instances, feature_dropout, seed: training-mode augmentations (see BagDataset).
+    """
+
+    def __init__(
+        self,
+        bags: Sequence[np.ndarray | torch.Tensor],
+        labels: Sequence[int] | np.ndarray,
+        slide_ids: Sequence[str] | None = None,
+        coords: Sequence[np.ndarray | torch.Tensor] | None = None,
+        *,
+        max_instances: int | None = None,
+        feature_dropout: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        n = len(bags)
+        self.bags = [_as_float32(b, i) for i, b in enumerate(bags)]
+        self.labels = _as_labels(labels, n)
+        self.slide_ids = (
+            [f"bag_{i}" for i in range(n)] if slide_ids is None else [str(s) for s in slide_ids]
+        )
+        if len(self.slide_ids) != n:
+            raise MilkitError(f"got {n} bags but {len(self.slide_ids)} slide ids", value=n)
+        if coords is not None:
+            if len(coords) != n:
+                raise MilkitError(f"got {n} bags but {len(coords)} coords arrays", value=n)
+            self.coords: list[torch.Tensor] | None = [
+                torch.as_tensor(np.asarray(c), dtype=torch.int64) for c in coords
+            ]
+            for i, (b, c) in enumerate(zip(self.bags, self.coords, strict=True)):
+                if c.shape != (b.shape[0], 2):
+                    raise MilkitError(f"coords of bag {i} must be ({b.shape[0]}, 2)", value=c.shape)
+        else:
+            self.coords = None
+        self._init_augment(max_instances, feature_dropout, seed)
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        coords = None if self.coords is None else self.coords[index]
+        features, coords = self._augment(self.bags[index], coords)
+        return _item(features, coords, int(self.labels[index]), self.slide_ids[index])
+
+
+def _as_float32(bag: np.ndarray | torch.Tensor, index: int) -> torch.Tensor:
+    t = bag.detach().cpu() if isinstance(bag, torch.Tensor) else torch.from_numpy(np.asarray(bag))
+    if t.ndim != 2:
+        raise MilkitError(f"bag {index} must be a 2-D (N, D) array", value=tuple(t.shape))
+    return t.to(torch.float32).contiguous()
+
+
+def _as_labels(labels: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:
+    if labels is None:
+        return np.full(n, -1, dtype=np.int64)
+    arr = np.asarray(labels)
+    if arr.shape != (n,):
+        raise MilkitError(f"need one label per bag ({n})", value=arr.shape)
+    if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr))):
+        raise MilkitError("labels must be integers (class indices)", value=arr.dtype.name)
+    return arr.astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Batching and class balance
+# --------------------------------------------------------------------------------------------
+
+
+def collate_bags(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Pad a list of bag items into one batch (the batch format of ``models.base``).
+
+    Returns ``features`` (B, N_max, D) zero-padded, ``mask`` (B, N_max) bool with True at real
+    instances (None when B == 1: the unpadded exact-reproduction path), ``coords`` (B, N_max, 2)
+    int64 or None (None unless every item has coords), ``label`` (B,) int64, ``slide_id`` list.
+    """
+    if len(items) == 0:
+        raise MilkitError("cannot collate an empty batch", value=0)
+    feats = [it["features"] for it in items]
+    dims = {int(f.shape[1]) for f in feats}
+    if len(dims) != 1:
+        ids = [it["slide_id"] for it in items]
+        raise MilkitError(
+            f"bags in one batch have different feature dims {sorted(dims)}", value=ids
+        )
+    labels = torch.tensor([int(it["label"]) for it in items], dtype=torch.int64)
+    slide_ids = [str(it["slide_id"]) for it in items]
+    has_coords = all(it.get("coords") is not None for it in items)
+    if len(items) == 1:
+        coords = items[0]["coords"].unsqueeze(0) if has_coords else None
+        return {
+            "features": feats[0].unsqueeze(0),
+            "mask": None,
+            "coords": coords,
+            "label": labels,
+            "slide_id": slide_ids,
+        }
+    b, d = len(items), dims.pop()
+    n_max = max(int(f.shape[0]) for f in feats)
+    features = feats[0].new_zeros((b, n_max, d))
+    mask = torch.zeros((b, n_max), dtype=torch.bool)
+    coords = torch.zeros((b, n_max, 2), dtype=torch.int64) if has_coords else None
+    for i, it in enumerate(items):
+        n = int(it["features"].shape[0])
+        features[i, :n] = it["features"]
+        mask[i, :n] = True
+        if coords is not None:
+            coords[i, :n] = it["coords"]
+    return {
+        "features": features,
+        "mask": mask,
+        "coords": coords,
+        "label": labels,
+        "slide_id": slide_ids,
+    }
+
+
+def _label_counts(labels: Sequence[int] | np.ndarray, num_classes: int | None = None) -> np.ndarray:
+    arr = np.asarray(labels, dtype=np.int64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise MilkitError("labels must be a non-empty 1-D sequence", value=arr.shape)
+    if arr.min() < 0 or (num_classes is not None and arr.max() >= num_classes):
+        raise MilkitError(
+            f"labels must be class indices in [0, {num_classes})",
+            value=(int(arr.min()), int(arr.max())),
+        )
+    return np.bincount(arr, minlength=num_classes or 0)
+
+
+def balanced_sampler(
+    labels: Sequence[int] | np.ndarray,
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> WeightedRandomSampler:
+    """Sampler drawing every class equally often (with replacement, ``num_samples`` per epoch).
+
+    Each bag is weighted 1 / (count of its class), so each class has total weight 1.
+    """
+    arr = np.asarray(labels, dtype=np.int64)
+    counts = _label_counts(arr)
+    weights = 1.0 / counts[arr]
+    return WeightedRandomSampler(
+        torch.as_tensor(weights, dtype=torch.double),
+        num_samples=len(arr) if num_samples is None else int(num_samples),
+        replacement=True,
+        generator=generator,
+    )
+
+
+def class_weights(labels: Sequence[int] | np.ndarray, num_classes: int) -> torch.Tensor:
+    """Cross-entropy class weights n / (C * n_c) (scikit-learn's "balanced").
+
+    A class absent from ``labels`` gets weight 0 (it never appears as a target, so its weight has
+    no effect; 0 avoids an infinity).
+    """
+    counts = _label_counts(labels, num_classes).astype(np.float64)
+    total = counts.sum()
+    weights = np.where(counts > 0, total / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
+__all__ = [
+    "BagDataset",
+    "InMemoryBagDataset",
+    "LabelTable",
+    "balanced_sampler",
+    "class_weights",
+    "collate_bags",
+    "load_labels",
+]
