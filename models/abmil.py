@@ -1,0 +1,151 @@
+"""ABMIL: attention-based deep MIL (Ilse et al. 2018) in its CLAM "small" pathology layout."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from models.base import MILModel, MILOutput, check_bag_input
+from models.layers.attention_pool import AttentionPool, make_act
+from models.registry import register_aggregator
+
+
+def init_xavier_(module: nn.Module) -> None:
+    """Xavier-normal weights and zero biases for every Linear (CLAM ``initialize_weights``)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+@register_aggregator(
+    "abmil",
+    description="ABMIL (Ilse 2018), CLAM-small layout 1024→512, attention 256, not gated",
+    gated=False,
+)
+@register_aggregator(
+    "abmil-gated",
+    description="ABMIL (Ilse 2018) with gated attention, CLAM-small layout (512/256, dropout .25)",
+    gated=True,
+)
+@register_aggregator(
+    "abmil-ilse",
+    description="ABMIL exactly as Ilse's repo: M=500, L=128, K=1, no dropout, PyTorch init",
+    fc_dim=500,  # AttentionDeepMIL model.py: self.M = 500
+    attn_dim=128,  # AttentionDeepMIL model.py: self.L = 128
+    gated=False,
+    fc_dropout=0.0,
+    attn_dropout=0.0,
+    init="default",
+)
+class ABMIL(MILModel):
+    """Attention-based deep MIL pooling with a linear bag classifier.
+
+    Paper: Ilse, Tomczak, Welling, "Attention-based Deep Multiple Instance Learning", ICML 2018.
+    Code: github.com/AMLab-Amsterdam/AttentionDeepMIL; pathology layout from
+    github.com/mahmoodlab/CLAM (``models/model_clam.py``, "small" size).
+
+    Equations (bag ``X ∈ R^{N×D}``)::
+
+        h_i = Dropout(ReLU(W_fc x_i + b_fc))                      (embedding, M = fc_dim)
+        e_i = w^T tanh(V h_i)                 (plain, Eq. 8)   or
+        e_i = w^T (tanh(V h_i) ⊙ sigmoid(U h_i))  (gated, Eq. 9)
+        a = softmax_i(e),  z = Σ_i a_i h_i,  logits = W_c z + b_c  (Eq. 6-7)
+
+    Registered names: ``abmil`` = the CLAM "small" configuration WITHOUT gating (Linear
+    D→512 + ReLU + Dropout 0.25, tanh attention L=256 with Dropout 0.25, Linear 512→C);
+    ``abmil-gated`` = the same WITH gating, i.e. CLAM's ``Attn_Net_Gated`` exactly;
+    ``abmil-ilse`` = Ilse's repo (M=500, L=128, K=1, no dropout, PyTorch default init).
+    ``fc_dim=None`` drops the embedding layer (attention directly on the input features, as
+    torchmil's ABMIL). Departures: multiclass softmax head (Ilse: one sigmoid output, binary
+    tasks here are C=2); ``attention`` holds the softmax weights and ``attention_logits`` the
+    pre-softmax ``e`` (values at padded positions are meaningless; use the mask).
+
+    ``training_preset`` = CLAM's recipe for the CLAM layout (``main.py`` defaults): Adam lr 2e-4,
+    weight decay 1e-5, at most 200 epochs, constant LR, early stopping on validation loss with
+    patience 20 from epoch 50. (Ilse's repo: Adam lr 5e-4, betas (0.9, 0.999), weight decay
+    ``10e-5`` = 1e-4, 20 epochs — pass these as overrides for ``abmil-ilse``.)
+
+    Args:
+        in_dim: instance feature dimension D.
+        num_classes: C ≥ 2.
+        fc_dim: size M of the embedding Linear (None: no embedding layer, M = D).
+        attn_dim: attention hidden size L.
+        gated: gated attention (Eq. 9).
+        fc_dropout: dropout after the embedding ReLU.
+        attn_dropout: dropout after each attention branch.
+        branches: number K of attention branches (Ilse's ``ATTENTION_BRANCHES``).
+        act: activation after the embedding Linear.
+        init: ``"xavier"`` (CLAM: Xavier-normal weights, zero biases) or ``"default"`` (PyTorch).
+    """
+
+    permutation_invariant: ClassVar[bool] = True
+    mil_respecting: ClassVar[bool] = False
+    supports_padding: ClassVar[bool] = True
+    # CLAM main.py: --opt adam, --lr 2e-4, --reg 1e-5, --max_epochs 200, --early_stopping
+    # (EarlyStopping patience=20, stop_epoch=50, on validation loss); no LR scheduler.
+    training_preset: ClassVar[dict[str, Any]] = {
+        "optimizer": "adam",
+        "lr": 2e-4,
+        "weight_decay": 1e-5,
+        "epochs": 200,
+        "scheduler": "none",
+        "batch_size": 1,
+        "patience": 20,
+        "min_epochs": 50,
+        "monitor": "val_loss",
+    }
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        *,
+        fc_dim: int | None = 512,  # CLAM size_dict["small"] = [1024, 512, 256]
+        attn_dim: int = 256,  # CLAM "small" attention D
+        gated: bool = False,
+        fc_dropout: float = 0.25,  # CLAM --drop_out 0.25
+        attn_dropout: float = 0.25,  # CLAM Attn_Net_Gated(dropout=True) -> Dropout(0.25)
+        branches: int = 1,
+        act: str | type[nn.Module] = "relu",
+        init: str = "xavier",
+    ) -> None:
+        super().__init__()
+        if init not in ("xavier", "default"):
+            raise ValueError(f"ABMIL: init must be 'xavier' or 'default', got {init!r}")
+        self.in_dim, self.num_classes = in_dim, num_classes
+        if fc_dim is None:
+            self.fc: nn.Module = nn.Identity()
+            dim = in_dim
+        else:
+            layers: list[nn.Module] = [nn.Linear(in_dim, fc_dim), make_act(act)]
+            if fc_dropout > 0:
+                layers.append(nn.Dropout(fc_dropout))
+            self.fc = nn.Sequential(*layers)
+            dim = fc_dim
+        self.pool = AttentionPool(
+            dim, attn_dim, gated=gated, dropout=attn_dropout, bias=True, branches=branches
+        )
+        self.embed_dim = dim * branches
+        self.head = nn.Linear(self.embed_dim, num_classes)
+        if init == "xavier":
+            init_xavier_(self)
+
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, ...]:
+        """(bag embedding (B, K·M), attention, attention logits) for ``x`` (B, N, D)."""
+        return tuple(self.pool(self.fc(x), mask))
+
+    def forward_head(self, embedding: Tensor) -> Tensor:
+        """Class logits (B, C) from the bag embedding."""
+        return self.head(embedding)
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
+    ) -> MILOutput:
+        mask = check_bag_input(x, mask, model="abmil")
+        z, attention, logits = self.forward_features(x, mask)
+        return MILOutput(
+            logits=self.forward_head(z), embedding=z, attention=attention, attention_logits=logits
+        )
