@@ -1,0 +1,776 @@
+"""The training loop shared by every aggregator (DESIGN §4, §6).
+
+The ``Trainer`` calls nothing model-specific beyond the three hooks of the model contract —
+``forward``, ``training_loss(batch, output, criterion)`` and ``on_train_step_end(step, total)`` —
+so MHIM (EMA teacher), AEM (entropy loss) and SC-MIL train through the same loop as ABMIL.
+
+What it does: Adam/AdamW, a per-optimiser-step cosine schedule with linear warmup, AMP on CUDA,
+gradient accumulation, class weights or balanced sampling, early stopping on the *inner
+validation* set (never the test fold), the best checkpoint (``best.pt``) and a resumable state
+(``last.pt``, every epoch), a CSV + JSONL metrics log (and TensorBoard when installed), and DDP when
+launched by ``torchrun``. With fixed seeds a CPU run is bit-reproducible, and a run killed after
+any epoch and resumed gives the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from milkit.atomic import atomic_write_text
+from milkit.checkpoint import (
+    load_checkpoint,
+    load_train_state,
+    plain,
+    read_checkpoint,
+    save_checkpoint,
+    save_train_state,
+)
+from milkit.distributed import (
+    DistInfo,
+    EpochSampler,
+    balanced_weights,
+    broadcast_flag,
+    setup_distributed,
+)
+from milkit.errors import MilkitError
+
+__all__ = [
+    "FitResult",
+    "Predictions",
+    "TrainConfig",
+    "Trainer",
+    "cross_validate",
+    "fit_model",
+    "load_checkpoint",
+    "predict",
+    "resolve_device",
+    "save_checkpoint",
+    "seed_everything",
+]
+
+_CHOICES = {
+    "optimizer": ("adam", "adamw"),
+    "scheduler": ("cosine", "none"),
+    "sampling": ("none", "balanced"),
+    "monitor": ("val_auc", "val_loss"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of one training run; stored (as a plain dict) in checkpoints and run.json.
+
+    Defaults are milkit's ("default" preset); ``TrainConfig.for_model(name, "official")`` starts
+    from the model class's ``training_preset`` (the recipe of the paper's code) instead.
+    """
+
+    epochs: int = 50
+    optimizer: str = "adamw"  # "adam" | "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+    scheduler: str = "cosine"  # "cosine" | "none"; stepped once per optimiser step
+    warmup_epochs: float = 0
+    min_lr: float = 0.0  # cosine floor (added here; CosineAnnealingLR's eta_min)
+    batch_size: int = 1
+    accumulate: int = 1
+    sampling: str = "none"  # "none" | "balanced"
+    class_weights: bool = False
+    patience: int | None = None
+    min_epochs: int = 0
+    monitor: str = "val_auc"  # "val_auc" | "val_loss"
+    amp: bool = True  # CUDA only; ignored on CPU
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"
+    grad_clip: float | None = None
+    max_instances: int | None = None
+    feature_dropout: float = 0.0
+    cache: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            value = str(getattr(self, name)).lower()
+            if value not in allowed:
+                raise MilkitError(
+                    f"training option {name} must be one of {list(allowed)}", value=value
+                )
+            setattr(self, name, value)
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size}
+        positive["accumulate"] = self.accumulate
+        for name, value in positive.items():
+            if int(value) < 1:
+                raise MilkitError(f"training option {name} must be >= 1", value=value)
+        if self.lr <= 0:
+            raise MilkitError("learning rate must be > 0", value=self.lr)
+        if self.patience is not None and self.patience < 1:
+            raise MilkitError("patience must be >= 1 (or unset to disable early stopping)",
+                              value=self.patience)  # fmt: skip
+        if not 0.0 <= self.feature_dropout < 1.0:
+            raise MilkitError("feature_dropout must be in [0, 1)", value=self.feature_dropout)
+
+    @classmethod
+    def for_model(cls, model_name: str, preset: str = "default", **overrides: Any) -> TrainConfig:
+        """Config for ``model_name``: milkit defaults, or the model's official recipe.
+
+        ``preset="official"`` applies the model class's ``training_preset`` dict; ``overrides``
+        (e.g. from the command line) win over both. ``None`` overrides are ignored.
+        """
+        preset = preset.lower()
+        if preset not in ("default", "official"):
+            raise MilkitError(
+                "unknown training preset", value=preset, hint="Use 'default' or 'official'"
+            )
+        values: dict[str, Any] = {}
+        if preset == "official":
+            from models.registry import get_entry
+
+            try:
+                entry = get_entry(model_name)
+            except KeyError as err:
+                raise MilkitError(str(err).strip("'\""), value=model_name) from None
+            values.update(getattr(entry.cls, "training_preset", {}) or {})
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build from a plain dict; unknown keys are an error that lists the accepted ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MilkitError(
+                f"unknown training option(s) {unknown}",
+                hint=f"Accepted options: {sorted(known)}",
+            )
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FitResult:
+    """Outcome of ``Trainer.fit``: best epoch (0-based) and score, per-epoch log, best.pt path."""
+
+    best_epoch: int
+    best_score: float | None
+    history: list[dict[str, Any]]
+    checkpoint: Path | None
+    monitor: str = "val_auc"
+    stopped_early: bool = False
+
+
+@dataclass
+class Predictions:
+    """Per-slide outputs of ``predict``: probabilities (n, C) and, on request, attention."""
+
+    slide_ids: list[str]
+    labels: np.ndarray
+    probs: np.ndarray
+    attention: list[np.ndarray] | None = None
+
+    @property
+    def preds(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
+
+    def to_frame(self, class_names: Sequence[str]):
+        """pandas table ``slide_id, label, pred, prob_<class>...`` (labels/preds as names)."""
+        import pandas as pd
+
+        names = list(class_names)
+
+        def name(i: int) -> str:
+            return names[i] if 0 <= i < len(names) else ""
+
+        frame = pd.DataFrame(
+            {
+                "slide_id": self.slide_ids,
+                "label": [name(int(i)) for i in self.labels],
+                "pred": [name(int(i)) for i in self.preds],
+            }
+        )
+        for c, cname in enumerate(names):
+            frame[f"prob_{cname}"] = self.probs[:, c]
+        return frame
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → CUDA if available, else CPU; a CUDA request without CUDA is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MilkitError(
+            "unknown device", value=device, hint="Use auto, cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MilkitError("CUDA device requested but CUDA is not available", value=device,
+                          hint="Use --device cpu")  # fmt: skip
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU + CUDA) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+         n["cached_gaussian"])
+    )  # fmt: skip
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _collate() -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    from milkit.data import collate_bags
+
+    return collate_bags
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = dict(batch)
+    for key in ("features", "mask", "coords", "label"):
+        value = out.get(key)
+        if isinstance(value, torch.Tensor):
+            out[key] = value.to(device, non_blocking=True)
+    return out
+
+
+def _set_train_mode(dataset: Dataset, on: bool) -> None:
+    """Switch a dataset's augmentations (part A's ``dataset.train(bool)``) if it has them."""
+    fn = getattr(dataset, "train", None)
+    if callable(fn):
+        fn(on)
+
+
+def _cosine_lambda(total_steps: int, warmup_steps: int, floor: float) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _dataset_labels(dataset: Dataset) -> np.ndarray:
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        raise MilkitError(
+            "training dataset has no labels", hint="Build it with labels (BagDataset(..., labels=))"
+        )
+    return np.asarray(labels, dtype=np.int64)
+
+
+class Trainer:
+    """Fits one aggregator; writes ``best.pt``, ``last.pt`` and ``log.csv``/``log.jsonl``.
+
+    Args:
+        model: an aggregator (``MILModel``) built for this task.
+        config: the ``TrainConfig``.
+        out_dir: folder for checkpoints and logs (None: nothing is written; the best weights are
+            kept in memory).
+        class_names: label map stored in checkpoints (default ``"0".."C-1"``).
+        model_name, model_kwargs, in_dim: stored in checkpoints so ``load_checkpoint`` can rebuild
+            the model with ``models.create``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig | None = None,
+        out_dir: str | Path | None = None,
+        class_names: Sequence[str] | None = None,
+        *,
+        model_name: str | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        in_dim: int | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config or TrainConfig()
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        num_classes = int(getattr(model, "num_classes", 0) or 0)
+        self.class_names = (
+            [str(c) for c in class_names] if class_names else [str(i) for i in range(num_classes)]
+        )
+        self.model_name = model_name or getattr(model, "milkit_name", None)
+        self.model_kwargs = dict(model_kwargs or {})
+        self.in_dim = in_dim if in_dim is not None else getattr(model, "in_dim", None)
+        self.device = resolve_device(self.config.device)
+        self.dist: DistInfo = setup_distributed(self.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+
+    # ------------------------------------------------------------------ paths and metadata
+    @property
+    def best_path(self) -> Path | None:
+        return self.out_dir / "best.pt" if self.out_dir else None
+
+    @property
+    def last_path(self) -> Path | None:
+        return self.out_dir / "last.pt" if self.out_dir else None
+
+    def checkpoint_meta(self, epoch: int | None = None, score: float | None = None) -> dict:
+        from milkit import __version__
+
+        return {
+            "model_name": self.model_name,
+            "model_kwargs": plain(self.model_kwargs),
+            "class_names": list(self.class_names),
+            "in_dim": self.in_dim,
+            "num_classes": len(self.class_names),
+            "train_config": self.config.to_dict(),
+            "epoch": epoch,
+            "score": score,
+            "monitor": self.config.monitor,
+            "milkit_version": __version__,
+        }
+
+    # ------------------------------------------------------------------ building blocks
+    def _loader(
+        self, dataset: Dataset, sampler: EpochSampler | None, shuffle_seed: int
+    ) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.config.batch_size,
+            sampler=sampler,
+            shuffle=False,
+            collate_fn=_collate(),
+            num_workers=self.config.num_workers,
+            generator=torch.Generator().manual_seed(shuffle_seed),
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _criterion(self, labels: np.ndarray) -> nn.Module:
+        weight = None
+        if self.config.class_weights:
+            from milkit.data import class_weights
+
+            weight = torch.as_tensor(
+                np.asarray(class_weights(labels, len(self.class_names)), dtype=np.float32)
+            ).to(self.device)
+        return nn.CrossEntropyLoss(weight=weight)
+
+    def _amp(self) -> tuple[bool, torch.dtype]:
+        on = bool(self.config.amp) and self.device.type == "cuda"
+        dtype = torch.bfloat16 if on and torch.cuda.is_bf16_supported() else torch.float16
+        return on, dtype
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self, train_ds: Dataset, val_ds: Dataset | None = None, *, resume: bool = False
+    ) -> FitResult:
+        """Train on ``train_ds``; select the best epoch on ``val_ds`` (inner validation).
+
+        With no ``val_ds`` the last epoch is kept. ``resume=True`` continues from
+        ``out_dir/last.pt`` when it exists (a finished run returns at once).
+        """
+        cfg = self.config
+        if len(train_ds) == 0:
+            raise MilkitError("training set is empty", hint="Check the labels CSV and the splits")
+        labels = _dataset_labels(train_ds)
+        monitor = cfg.monitor
+        if val_ds is not None and len(val_ds) == 0:
+            val_ds = None
+        if val_ds is not None and monitor == "val_auc":
+            val_labels = getattr(val_ds, "labels", None)
+            if val_labels is not None and len(np.unique(np.asarray(val_labels))) < 2:
+                warnings.warn(
+                    "validation set has a single class; AUC is undefined, monitoring val_loss",
+                    stacklevel=2,
+                )
+                monitor = "val_loss"
+        higher_better = monitor == "val_auc"
+
+        model = self.model.to(self.device)
+        weights = balanced_weights(labels) if cfg.sampling == "balanced" else None
+        sampler = EpochSampler(
+            len(train_ds),
+            seed=cfg.seed,
+            weights=weights,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        loader = self._loader(train_ds, sampler, cfg.seed)
+        batches = len(loader)
+        steps_per_epoch = -(-batches // cfg.accumulate)
+        total_steps = steps_per_epoch * cfg.epochs
+        optimizer = self._optimizer()
+        if cfg.scheduler == "cosine":
+            warmup = round(cfg.warmup_epochs * steps_per_epoch)
+            floor = cfg.min_lr / cfg.lr
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, _cosine_lambda(total_steps, warmup, floor)
+            )
+        else:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        amp_on, amp_dtype = self._amp()
+        scaler = torch.amp.GradScaler("cuda", enabled=amp_on and amp_dtype == torch.float16)
+        criterion = self._criterion(labels)
+        net: nn.Module = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,  # MIL models may skip branches on some bags
+            )
+
+        start_epoch, global_step = 0, 0
+        best_score: float | None = None
+        best_epoch, bad_epochs, stopped = -1, 0, False
+        history: list[dict[str, Any]] = []
+        best_state: dict[str, torch.Tensor] | None = None
+        if resume and self.last_path is not None and self.last_path.exists():
+            state = load_train_state(self.last_path)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"])
+            start_epoch = int(state["epoch"]) + 1
+            global_step = int(state["global_step"])
+            best_score = state["best_score"]
+            best_epoch = int(state["best_epoch"])
+            bad_epochs = int(state["bad_epochs"])
+            stopped = bool(state["stopped"])
+            history = list(state["history"])
+            monitor = state.get("monitor", monitor)
+            higher_better = monitor == "val_auc"
+        else:
+            seed_everything(cfg.seed + self.dist.rank)
+
+        writer = self._tensorboard()
+        epoch = start_epoch - 1
+        for epoch in range(start_epoch, cfg.epochs):
+            if stopped:
+                break
+            t0 = time.perf_counter()
+            sampler.set_epoch(epoch)
+            if callable(getattr(train_ds, "set_epoch", None)):
+                train_ds.set_epoch(epoch)  # reseeds part A's augmentations (resume-exact)
+            train_logs, global_step = self._train_epoch(
+                net, model, loader, optimizer, scheduler, scaler, criterion,
+                epoch, global_step, total_steps, amp_on, amp_dtype,
+            )  # fmt: skip
+            row: dict[str, Any] = {"epoch": epoch, **train_logs}
+            if val_ds is not None:
+                row.update(self._validate(model, val_ds, criterion))
+            row["time_s"] = round(time.perf_counter() - t0, 3)
+            history.append(row)
+
+            score = row.get(monitor) if val_ds is not None else None
+            improved = val_ds is None or (
+                score is not None
+                and math.isfinite(score)
+                and (
+                    best_score is None
+                    or (score > best_score if higher_better else score < best_score)
+                )
+            )
+            if improved:
+                best_score, best_epoch, bad_epochs = score, epoch, 0
+                if self.dist.is_main and self.best_path is not None:
+                    save_checkpoint(self.best_path, model, self.checkpoint_meta(epoch, score))
+                elif self.best_path is None:
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad_epochs += 1
+            if (
+                cfg.patience is not None
+                and val_ds is not None
+                and bad_epochs >= cfg.patience
+                and epoch + 1 >= cfg.min_epochs
+            ):
+                stopped = True
+            stopped = broadcast_flag(stopped, self.device)
+            row["best_epoch"] = best_epoch
+            if self.dist.is_main:
+                self._write_logs(history, writer, row)
+                if self.last_path is not None:
+                    save_train_state(
+                        self.last_path,
+                        {
+                            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "scaler": scaler.state_dict(),
+                            "rng": _rng_state(),
+                            "epoch": epoch,
+                            "global_step": global_step,
+                            "best_score": best_score,
+                            "best_epoch": best_epoch,
+                            "bad_epochs": bad_epochs,
+                            "stopped": stopped,
+                            "monitor": monitor,
+                            "history": plain(history),
+                            "meta": self.checkpoint_meta(epoch, score),
+                        },
+                    )
+            self._after_epoch(epoch)
+        if writer is not None:
+            writer.close()
+
+        # Leave the model holding the selected (best) weights.
+        if self.best_path is not None and self.best_path.exists():
+            state_dict, _ = read_checkpoint(self.best_path)
+            model.load_state_dict(state_dict)
+        elif best_state is not None:
+            model.load_state_dict(best_state)
+        model.eval()
+        return FitResult(
+            best_epoch=best_epoch,
+            best_score=best_score,
+            history=history,
+            checkpoint=self.best_path if self.best_path and self.best_path.exists() else None,
+            monitor=monitor,
+            stopped_early=stopped and epoch + 1 < cfg.epochs,
+        )
+
+    def _after_epoch(self, epoch: int) -> None:
+        """Hook called after each epoch's files are written (tests simulate crashes here)."""
+
+    def _train_epoch(
+        self,
+        net: nn.Module,
+        model: nn.Module,
+        loader: DataLoader,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler,
+        criterion: nn.Module,
+        epoch: int,
+        global_step: int,
+        total_steps: int,
+        amp_on: bool,
+        amp_dtype: torch.dtype,
+    ) -> tuple[dict[str, Any], int]:
+        cfg = self.config
+        model.train()
+        _set_train_mode(loader.dataset, True)
+        batches = len(loader)
+        sums: dict[str, float] = {}
+        n_seen = 0
+        optimizer.zero_grad(set_to_none=True)
+        bar = self._progress(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        for i, batch in enumerate(bar):
+            batch = _to_device(batch, self.device)
+            group_start = (i // cfg.accumulate) * cfg.accumulate
+            group_size = min(cfg.accumulate, batches - group_start)
+            is_step = i + 1 == group_start + group_size
+            sync = contextlib.nullcontext()
+            if self.dist.enabled and not is_step:
+                sync = net.no_sync()  # type: ignore[operator]
+            with sync:
+                with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_on):
+                    output = net(batch["features"], mask=batch.get("mask"),
+                                 coords=batch.get("coords"))  # fmt: skip
+                    loss, logs = model.training_loss(batch, output, criterion)
+                if not torch.isfinite(loss):
+                    raise MilkitError(
+                        "training loss is not finite",
+                        value=float(loss.detach()),
+                        hint="Lower --lr, check features for NaN/inf, or enable --grad-clip",
+                    )
+                scaler.scale(loss / group_size).backward()
+            n_seen += 1
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for key, value in logs.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            if is_step:
+                if cfg.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                global_step += 1
+                model.on_train_step_end(global_step, total_steps)
+            if hasattr(bar, "set_postfix") and i % 10 == 0:
+                bar.set_postfix(loss=f"{sums['loss'] / n_seen:.4f}")
+        _set_train_mode(loader.dataset, False)
+        logs_out = {f"train_{k}" if k != "loss" else "train_loss": v / max(1, n_seen)
+                    for k, v in sums.items()}  # fmt: skip
+        logs_out["lr"] = optimizer.param_groups[0]["lr"]
+        return logs_out, global_step
+
+    def _validate(self, model: nn.Module, val_ds: Dataset, criterion: nn.Module) -> dict:
+        from milkit.metrics import classification_metrics
+
+        preds = predict(model, val_ds, batch_size=self.config.batch_size, device=self.device,
+                        num_workers=self.config.num_workers)  # fmt: skip
+        probs = torch.as_tensor(preds.probs).clamp_min(1e-12)
+        y = torch.as_tensor(preds.labels, dtype=torch.long)
+        loss = nn.functional.nll_loss(probs.log(), y).item()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            metrics = classification_metrics(preds.labels, preds.probs, self.class_names)
+        row = {"val_loss": loss}
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "n":
+                row[f"val_{key}"] = float(value)
+        return row
+
+    # ------------------------------------------------------------------ logging
+    def _progress(self, iterable, desc: str):
+        if not (self.config.progress and self.dist.is_main):
+            return iterable
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+
+    def _tensorboard(self):
+        if self.out_dir is None or not self.dist.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return None
+        return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+
+    def _write_logs(self, history: list[dict[str, Any]], writer, row: dict[str, Any]) -> None:
+        if self.out_dir is None:
+            return
+        keys: list[str] = []
+        for r in history:
+            keys.extend(k for k in r if k not in keys)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+        w.writeheader()
+        w.writerows(history)
+        atomic_write_text(self.out_dir / "log.csv", buf.getvalue())
+        atomic_write_text(
+            self.out_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history)
+        )
+        if writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    writer.add_scalar(key, value, row["epoch"])
+
+
+def fit_model(
+    model: nn.Module,
+    train_ds: Dataset,
+    config: TrainConfig | None = None,
+    val_ds: Dataset | None = None,
+    out_dir: str | Path | None = None,
+    **trainer_kwargs: Any,
+) -> FitResult:
+    """Train ``model`` in place (ends holding the best weights); see ``Trainer``."""
+    return Trainer(model, config, out_dir, **trainer_kwargs).fit(train_ds, val_ds)
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 1,
+    device: str | torch.device = "auto",
+    with_attention: bool = False,
+    num_workers: int = 0,
+) -> Predictions:
+    """Softmax probabilities for every bag of ``dataset`` (in dataset order), in eval mode.
+
+    ``attention`` (when requested) is one array per bag, trimmed of padding: shape (N,) or
+    (H, N) for multi-head models; None for models that return no attention.
+    """
+    dev = resolve_device(device)
+    was_training = model.training
+    model.to(dev).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate(),
+                        num_workers=num_workers)  # fmt: skip
+    ids: list[str] = []
+    labels: list[int] = []
+    probs: list[np.ndarray] = []
+    attention: list[np.ndarray] | None = [] if with_attention else None
+    try:
+        for batch in loader:
+            batch = _to_device(batch, dev)
+            out = model(batch["features"], mask=batch.get("mask"), coords=batch.get("coords"))
+            probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
+            ids.extend(str(s) for s in batch["slide_id"])
+            labels.extend(int(v) for v in batch["label"].tolist())
+            if attention is not None:
+                att = out.attention
+                if att is None:
+                    attention = None
+                    continue
+                mask = batch.get("mask")
+                for b in range(att.shape[0]):
+                    n = int(mask[b].sum()) if mask is not None else att.shape[-1]
+                    attention.append(att[b, ..., :n].float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    return Predictions(
+        slide_ids=ids,
+        labels=np.asarray(labels, dtype=np.int64),
+        probs=np.concatenate(probs, axis=0) if probs else np.zeros((0, num_classes)),
+        attention=attention,
+    )
+
+
+def cross_validate(*args: Any, **kwargs: Any):
+    """K-fold cross-validation; see ``milkit.cv.cross_validate`` (imported lazily)."""
+    from milkit.cv import cross_validate as _cross_validate
+
+    return _cross_validate(*args, **kwargs)
