@@ -1,0 +1,171 @@
+"""SC-MIL — supervised contrastive learning for imbalanced MIL (Juyal et al., WACV 2024)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from milkit.errors import MilkitError
+from models.base import MILModel, MILOutput
+from models.layers.supcon import ProjectionHead, supcon_loss
+from models.registry import create, normalise_name, register_aggregator
+
+SCHEDULES = ("parabolic", "linear", "step")
+
+
+def scmil_beta(progress: float, schedule: str = "parabolic", switch_at: float = 0.5) -> float:
+    """Weight β of the SupCon term at training ``progress`` t/T ∈ [0, 1] (clipped).
+
+    ``parabolic``: β = 1 − (t/T)² (BBN's cumulative-learning curve, Zhou et al. CVPR 2020);
+    ``linear``: β = 1 − t/T; ``step``: β = 1 before ``switch_at``·T, then 0. All give β(0) = 1,
+    β(1) = 0 and are non-increasing.
+    """
+    t = min(max(float(progress), 0.0), 1.0)
+    if schedule == "parabolic":
+        return 1.0 - t * t
+    if schedule == "linear":
+        return 1.0 - t
+    if schedule == "step":
+        return 1.0 if t < switch_at else 0.0
+    raise MilkitError(
+        "scmil: unknown schedule", value=schedule, hint=f"choose one of {list(SCHEDULES)}"
+    )
+
+
+@register_aggregator("scmil", description="SC-MIL: SupCon on bag embeddings + CE, any base model")
+@register_aggregator(
+    "scmil-abmil",
+    description="SC-MIL on gated ABMIL (CLAM small config)",
+    base="abmil-gated",
+)
+class SCMIL(MILModel):
+    """SC-MIL: supervised contrastive bag representations, curriculum towards the classifier.
+
+    Paper: Juyal et al., "SC-MIL: Supervised Contrastive Multiple Instance Learning for Imbalanced
+    Classification in Pathology", WACV 2024, arXiv 2303.13405. No official code exists (the
+    GitHub repo ``sotiraslab/SC-MIL`` is a different paper, "Sparsely Coded MIL").
+
+    Equations, for a batch of B bags with labels y_j and base aggregator f (bag embedding b):
+        b_j = f(X_j),  ŷ_j = W b_j + c                  classifier on b (not on z)
+        z_j = g(b_j) / ‖g(b_j)‖                          projection head g
+        L_SupCon = mean_i −1/|P(i)| Σ_{p∈P(i)} log( exp(z_i·z_p/τ) / Σ_{a≠i} exp(z_i·z_a/τ) )
+        L = β_t · L_SupCon + (1 − β_t) · L_CE,  β_t = 1 − (t/T)²
+
+    From the paper (abstract, verified): SupCon on bag-level embeddings of an attention-MIL
+    aggregator, trained jointly with the bag classifier, with a schedule that moves from
+    representation learning to classifier learning. Our choices (the paper body could not be
+    read; spec §6 "suggested defaults"): the parabolic schedule of BBN (linear and step
+    selectable) over optimiser steps t of T; τ = 0.1; g = Linear(E→E) + ReLU + Linear(E→128) with
+    L2 normalisation; the classifier uses b; SupCon averaged over the anchors that have a
+    positive; batches of ≥ 8 bags with ≥ 2 per class from a class-balanced sampler
+    (``training_preset``). When a batch has no positive pair (B = 1, or all labels distinct) the
+    SupCon term is skipped and the loss is the base loss alone (weight 1, not 1 − β), logged as
+    ``supcon_skipped = 1``. The base's own loss (``base.training_loss``: CE plus its auxiliary
+    losses) plays the role of L_CE.
+
+    Args:
+        base: registered name of the attention aggregator (``scmil-abmil``: ``abmil-gated``).
+        base_kwargs: overrides passed to ``models.create(base, ...)``.
+        proj_hidden_dim: hidden width of g (default: the base's embedding size).
+        proj_dim: output size of g (128).
+        temperature: SupCon τ (0.1).
+        schedule: ``parabolic`` | ``linear`` | ``step``.
+        switch_at: for ``step``, the training fraction where β drops from 1 to 0.
+    """
+
+    # Our choice (no official code): Adam lr 2e-4, wd 1e-5 (the CLAM/ABMIL recipe of the base),
+    # 8 bags per batch drawn by a class-balanced sampler so most batches hold >= 2 bags per class.
+    training_preset: ClassVar[dict[str, Any]] = {
+        "optimizer": "adam",
+        "lr": 2e-4,
+        "weight_decay": 1e-5,
+        "batch_size": 8,
+        "sampling": "balanced",
+    }
+
+    beta: Tensor
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        *,
+        base: str = "abmil-gated",
+        base_kwargs: dict[str, Any] | None = None,
+        proj_hidden_dim: int | None = None,  # our choice: the embedding size (e.g. 512)
+        proj_dim: int = 128,  # our choice (SupCon, Khosla et al. 2020: 128-d projection)
+        temperature: float = 0.1,  # our choice (Khosla et al. 2020 range)
+        schedule: str = "parabolic",  # our choice (BBN cumulative learning)
+        switch_at: float = 0.5,  # our choice, only for schedule="step"
+    ) -> None:
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise MilkitError(
+                "scmil: unknown schedule", value=schedule, hint=f"choose one of {list(SCHEDULES)}"
+            )
+        if not temperature > 0:
+            raise MilkitError("scmil: temperature must be > 0", value=temperature)
+        if not 0.0 <= switch_at <= 1.0:
+            raise MilkitError("scmil: switch_at must be in [0, 1]", value=switch_at)
+        if normalise_name(base).startswith("scmil"):
+            raise MilkitError(
+                "scmil: the base is already an SC-MIL model",
+                value=base,
+                hint="give a plain aggregator such as abmil-gated",
+            )
+        self.base = create(base, in_dim, num_classes, **(base_kwargs or {}))
+        embed_dim = getattr(self.base, "embed_dim", None)
+        if not isinstance(embed_dim, int) or embed_dim <= 0:
+            raise MilkitError(
+                "scmil: the base model does not declare its embedding size (embed_dim)",
+                value=base,
+            )
+        self.in_dim, self.num_classes, self.embed_dim = in_dim, num_classes, embed_dim
+        self.temperature, self.schedule, self.switch_at = float(temperature), schedule, switch_at
+        self.projection = ProjectionHead(embed_dim, proj_hidden_dim or embed_dim, proj_dim)
+        # β_t lives in the state dict so a resumed run continues the schedule
+        self.register_buffer("beta", torch.tensor(scmil_beta(0.0, schedule, switch_at)))
+        for flag in ("permutation_invariant", "mil_respecting", "supports_padding"):
+            setattr(self, flag, bool(getattr(self.base, flag, getattr(MILModel, flag))))
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
+    ) -> MILOutput:
+        """The base's output unchanged; ``embedding`` is b (projected in ``training_loss``)."""
+        return self.base(x, mask, coords)
+
+    def project(self, embedding: Tensor) -> Tensor:
+        """L2-normalised projection z = g(b)/‖g(b)‖ of bag embeddings (B, E) → (B, proj_dim)."""
+        return self.projection(embedding)
+
+    def training_loss(
+        self, batch: dict[str, Any], output: MILOutput, criterion: nn.Module
+    ) -> tuple[Tensor, dict[str, float]]:
+        """``β·L_SupCon + (1 − β)·L_base``; the base loss alone when no bag has a positive."""
+        base_loss, logs = self.base.training_loss(batch, output, criterion)
+        z = self.project(output.embedding)
+        supcon, n_anchors = supcon_loss(z, batch["label"], self.temperature)
+        beta = float(self.beta)
+        if n_anchors == 0:
+            loss = base_loss + supcon  # supcon is an exact 0 kept in the graph
+            logs["supcon_skipped"] = 1.0
+        else:
+            loss = beta * supcon + (1.0 - beta) * base_loss
+            logs["supcon_skipped"] = 0.0
+        logs.update(
+            loss_supcon=float(supcon.detach()), scmil_beta=beta, supcon_anchors=float(n_anchors)
+        )
+        return loss, logs
+
+    def on_train_step_end(self, step: int, total_steps: int) -> None:
+        """Set β for the next step; ``step`` is the 0-based index of the step just taken."""
+        self.base.on_train_step_end(step, total_steps)
+        if total_steps > 0:
+            progress = (step + 1) / total_steps
+            self.beta.fill_(scmil_beta(progress, self.schedule, self.switch_at))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.base.reset_classifier(num_classes)
+        self.num_classes = num_classes
