@@ -40,6 +40,17 @@ def init_xavier_(module: nn.Module) -> None:
     attn_dropout=0.0,
     init="default",
 )
+@register_aggregator(
+    "abmil-dattention",
+    description="DearCaat's ABMIL baseline (MHIM/R2T 'DAttention'): 512, attention 128, relu",
+    fc_dim=512,  # MHIM-MIL mhim.py: patch_to_emb Linear(1024, 512) + ReLU + Dropout(0.25)
+    attn_dim=128,  # DAttention: Linear(512, 128, bias=False) + act + Linear(128, 1, bias=False)
+    gated=False,
+    fc_dropout=0.25,
+    attn_dropout=0.0,
+    attn_act="relu",  # --da_act default
+    attn_bias=False,
+)
 class ABMIL(MILModel):
     """Attention-based deep MIL pooling with a linear bag classifier.
 
@@ -57,7 +68,9 @@ class ABMIL(MILModel):
     Registered names: ``abmil`` = the CLAM "small" configuration WITHOUT gating (Linear
     D→512 + ReLU + Dropout 0.25, tanh attention L=256 with Dropout 0.25, Linear 512→C);
     ``abmil-gated`` = the same WITH gating, i.e. CLAM's ``Attn_Net_Gated`` exactly;
-    ``abmil-ilse`` = Ilse's repo (M=500, L=128, K=1, no dropout, PyTorch default init).
+    ``abmil-ilse`` = Ilse's repo (M=500, L=128, K=1, no dropout, PyTorch default init);
+    ``abmil-dattention`` = DearCaat's baseline (MHIM-MIL / RRT-MIL "DAttention"), the layout of
+    MHIM-MIL's ABMIL teacher and student (train it to get a ``teacher_init`` checkpoint).
     ``fc_dim=None`` drops the embedding layer (attention directly on the input features, as
     torchmil's ABMIL). Departures: multiclass softmax head (Ilse: one sigmoid output, binary
     tasks here are C=2); ``attention`` holds the softmax weights and ``attention_logits`` the
@@ -78,6 +91,8 @@ class ABMIL(MILModel):
         attn_dropout: dropout after each attention branch.
         branches: number K of attention branches (Ilse's ``ATTENTION_BRANCHES``).
         act: activation after the embedding Linear.
+        attn_act: activation of the plain attention branch (paper: tanh; DearCaat: relu).
+        attn_bias: biases in the attention Linears (DearCaat's DAttention has none).
         init: ``"xavier"`` (CLAM: Xavier-normal weights, zero biases) or ``"default"`` (PyTorch).
     """
 
@@ -110,6 +125,8 @@ class ABMIL(MILModel):
         attn_dropout: float = 0.25,  # CLAM Attn_Net_Gated(dropout=True) -> Dropout(0.25)
         branches: int = 1,
         act: str | type[nn.Module] = "relu",
+        attn_act: str | type[nn.Module] = "tanh",
+        attn_bias: bool = True,
         init: str = "xavier",
     ) -> None:
         super().__init__()
@@ -126,12 +143,29 @@ class ABMIL(MILModel):
             self.fc = nn.Sequential(*layers)
             dim = fc_dim
         self.pool = AttentionPool(
-            dim, attn_dim, gated=gated, dropout=attn_dropout, bias=True, branches=branches
+            dim,
+            attn_dim,
+            gated=gated,
+            dropout=attn_dropout,
+            bias=attn_bias,
+            act=attn_act,
+            branches=branches,
         )
         self.embed_dim = dim * branches
         self.head = nn.Linear(self.embed_dim, num_classes)
         if init == "xavier":
             init_xavier_(self)
+
+    def embed_instances(self, x: Tensor) -> Tensor:
+        """Instance embeddings ``h`` (B, N, M) (MHIM masks instances after this layer)."""
+        return self.fc(x)
+
+    def forward_embedded(self, h: Tensor, mask: Tensor | None = None) -> MILOutput:
+        """Everything after the instance embedding: pooling and head."""
+        z, attention, logits = self.pool(h, mask)
+        return MILOutput(
+            logits=self.forward_head(z), embedding=z, attention=attention, attention_logits=logits
+        )
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, ...]:
         """(bag embedding (B, K·M), attention, attention logits) for ``x`` (B, N, D)."""
@@ -145,7 +179,4 @@ class ABMIL(MILModel):
         self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
     ) -> MILOutput:
         mask = check_bag_input(x, mask, model="abmil")
-        z, attention, logits = self.forward_features(x, mask)
-        return MILOutput(
-            logits=self.forward_head(z), embedding=z, attention=attention, attention_logits=logits
-        )
+        return self.forward_embedded(self.fc(x), mask)
