@@ -28,7 +28,8 @@ from models.registry import create, normalise_name, register_aggregator
 # (`wd: 0.00001`), lr 1e-4 (argparse default at commit 98a1f78; the newest main.py 42c8dbe uses
 # 2e-4), per-iteration half-cosine to `min_lr: 0` without warmup (`adjust_learning_rate` called
 # with epoch + it/len), `train_epoch: 50`, `B: 1`; the checkpoint kept is the epoch maximising
-# val macro-AUC + val macro-F1 ("monitor": "val_auc+f1" — the trainer may only support val_auc).
+# val macro-AUC + val macro-F1; milkit's trainer monitors val_auc or val_loss only, so we use
+# val_auc (departure).
 AEM_TRAINING_PRESET: dict[str, Any] = {
     "optimizer": "adamw",
     "lr": 1e-4,
@@ -37,7 +38,7 @@ AEM_TRAINING_PRESET: dict[str, Any] = {
     "warmup_epochs": 0,
     "epochs": 50,
     "batch_size": 1,
-    "monitor": "val_auc+f1",
+    "monitor": "val_auc",
 }
 
 
@@ -310,9 +311,11 @@ class AEM(AttentionEntropyMixin, MILModel):
         lamda: λ, default 0.1 (official README example; argparse default 0.0 = baseline).
         subsampling: keep ⌊r·N⌋ random instances per training forward; 1.0 = off.
 
-    ``training_preset`` of an instance is the base's recipe (AEM is a plug-in regulariser; the
-    official AEM recipe is on the ``aem-mha``/``aem-abmil`` classes).
+    ``training_preset`` is the AEM recipe (as for ``aem-mha``/``aem-abmil``): the paper trains
+    every framework it regularises with that setup; pass overrides to use the base's recipe.
     """
+
+    training_preset: ClassVar[dict[str, Any]] = AEM_TRAINING_PRESET
 
     def __init__(
         self,
@@ -339,7 +342,6 @@ class AEM(AttentionEntropyMixin, MILModel):
         self.lamda, self.subsampling = float(lamda), float(subsampling)
         for flag in ("permutation_invariant", "mil_respecting", "supports_padding"):
             setattr(self, flag, bool(getattr(self.base, flag, getattr(MILModel, flag))))
-        self.training_preset = dict(getattr(self.base, "training_preset", {}))
 
     def forward_base(self, x: Tensor, mask: Tensor | None, coords: Tensor | None) -> MILOutput:
         return self.base(x, mask, coords)

@@ -160,10 +160,10 @@ class SCMIL(MILModel):
         return loss, logs
 
     def on_train_step_end(self, step: int, total_steps: int) -> None:
-        """Set β for the next step; ``step`` is the 0-based index of the step just taken."""
+        """Set β for the next step; ``step`` = optimiser steps completed so far (1..T)."""
         self.base.on_train_step_end(step, total_steps)
         if total_steps > 0:
-            progress = (step + 1) / total_steps
+            progress = step / total_steps
             self.beta.fill_(scmil_beta(progress, self.schedule, self.switch_at))
 
     def reset_classifier(self, num_classes: int) -> None:

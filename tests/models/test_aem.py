@@ -238,7 +238,7 @@ def test_generic_wrapper_adds_term_to_base_output():
         "aem", D, 2, base="abmil-gated", base_kwargs={"fc_dim": 8, "attn_dim": 4}, lamda=0.2
     ).eval()
     assert isinstance(wrapped, AEM) and wrapped.permutation_invariant
-    assert wrapped.training_preset == type(wrapped.base).training_preset
+    assert wrapped.training_preset["lr"] == 1e-4 and wrapped.training_preset["epochs"] == 50
     x, mask = _padded([6, 4])
     base_out = wrapped.base(x, mask)
     out = wrapped(x, mask)
@@ -295,3 +295,12 @@ def test_fully_masked_bag_raises():
     mask[1] = False
     with pytest.raises(ValueError, match=r"bag\(s\) \[1\] are fully masked"):
         model(x, mask)
+
+
+def test_official_preset_is_accepted_by_the_trainer():
+    from milkit.train import TrainConfig
+
+    for name in ("aem-mha", "aem-abmil", "aem"):
+        config = TrainConfig.for_model(name, "official")
+        assert (config.optimizer, config.lr, config.weight_decay) == ("adamw", 1e-4, 1e-5)
+        assert (config.epochs, config.batch_size, config.scheduler) == (50, 1, "cosine")

@@ -128,9 +128,9 @@ def test_parabolic_and_step_values():
 def test_on_train_step_end_follows_the_schedule():
     model = models.create("scmil-abmil", D, 2, **SMALL)
     assert float(model.beta) == 1.0
-    model.on_train_step_end(0, 4)
+    model.on_train_step_end(1, 4)  # the trainer passes the number of completed steps
     assert float(model.beta) == pytest.approx(1 - (1 / 4) ** 2)
-    model.on_train_step_end(3, 4)
+    model.on_train_step_end(4, 4)
     assert float(model.beta) == 0.0
     state = model.state_dict()
     fresh = models.create("scmil-abmil", D, 2, **SMALL)
@@ -162,7 +162,7 @@ def test_loss_mixes_supcon_and_ce_with_beta():
     model = models.create("scmil-abmil", D, 2, **SMALL).eval()
     batch = _batch([4, 6, 3, 5], [0, 1, 0, 1])
     out = model(batch["features"], batch["mask"])
-    model.on_train_step_end(4, 10)  # β = 1 − (5/10)² = 0.75
+    model.on_train_step_end(5, 10)  # β = 1 − (5/10)² = 0.75
     loss, logs = model.training_loss(batch, out, nn.CrossEntropyLoss())
     ce = F.cross_entropy(out.logits, batch["label"]).item()
     z = model.project(out.embedding)
@@ -229,3 +229,32 @@ def test_scmil_abmil_is_gated_clam_abmil_and_generic_takes_any_base():
 def test_invalid_arguments_are_explained(kwargs, pattern):
     with pytest.raises(MilkitError, match=pattern):
         models.create("scmil", D, 2, **kwargs)
+
+
+def _toy_task(n_bags: int = 16, seed: int = 0):
+    """Bags of 3-8 instances; class-1 bags hold one instance shifted along the first axis."""
+    from milkit.data import InMemoryBagDataset
+
+    g = torch.Generator().manual_seed(seed)
+    bags, labels = [], []
+    for i in range(n_bags):
+        bag = torch.randn(int(torch.randint(3, 9, (1,), generator=g)), D, generator=g)
+        if i % 2:
+            bag[0, 0] += 4.0
+        bags.append(bag)
+        labels.append(i % 2)
+    return InMemoryBagDataset(bags, labels)
+
+
+@pytest.mark.slow
+def test_trains_through_the_trainer_with_the_official_preset():
+    from milkit.train import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    config = TrainConfig.for_model("scmil-abmil", "official", epochs=3, progress=False, seed=0)
+    assert config.batch_size == 8 and config.sampling == "balanced" and config.optimizer == "adam"
+    model = models.create("scmil-abmil", D, 2, **SMALL)
+    result = Trainer(model, config).fit(_toy_task())
+    last = result.history[-1]
+    assert math.isfinite(last["train_loss"]) and "train_loss_supcon" in last
+    assert float(model.beta) == 0.0  # schedule ran to its end over the trainer's total steps
