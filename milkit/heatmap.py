@@ -1,0 +1,293 @@
+"""Attention / instance-score heatmaps painted back onto the slide thumbnail (DESIGN §6).
+
+Each tile's score fills the thumbnail rectangle of the tile (level-0 coords x thumbnail scale),
+overlapping tiles are averaged, the colour-mapped scores are alpha-blended over the thumbnail,
+and a colour bar is drawn in a panel to the right. The heatmap occupies exactly the top-left
+``thumbnail`` pixels of the PNG (so pixel positions match the thumbnail); an optional title goes
+in a band below it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from milkit.atomic import atomic_path
+from milkit.errors import MilkitError
+
+NORMALIZE = ("minmax", "rank", "none")
+_PANEL_WIDTH = 90  # px right of the heatmap: colour bar + tick labels
+_BAR_WIDTH = 18
+_MIN_HEIGHT = 160  # canvas height floor so the colour bar stays readable on tiny thumbnails
+_TITLE_HEIGHT = 22
+_BLANK_GREY = 235  # background of the blank canvas used without a slide
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        raise MilkitError("thumbnail must be an (H, W, 3) RGB image", value=img.shape)
+    img = img[..., :3]
+    if img.dtype != np.uint8:
+        img = np.clip(img * (255.0 if img.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(img)
+
+
+def _as_scores(scores: Any, n: int) -> np.ndarray:
+    s = scores.detach().float().cpu().numpy() if hasattr(scores, "detach") else np.asarray(scores)
+    s = np.asarray(s, dtype=np.float64)
+    if s.ndim == 2 and s.shape[1] == n and s.shape[0] != n:
+        s = s.mean(axis=0)  # multi-head attention (H, N): average over heads
+    s = s.reshape(-1) if s.ndim == 2 and 1 in s.shape else s
+    if s.shape != (n,):
+        raise MilkitError(f"need one score per tile ({n} coords)", value=s.shape)
+    return s
+
+
+def _normalise(
+    scores: np.ndarray, mode: str, vmin: float | None, vmax: float | None
+) -> tuple[np.ndarray, tuple[str, str, str]]:
+    """Scores mapped to [0, 1] and the colour-bar labels (bottom, middle, top)."""
+    finite = np.isfinite(scores)
+    if mode == "rank":
+        # percentile of each tile among the tiles (CLAM's default heatmap scaling)
+        order = scores[finite].argsort(kind="stable").argsort()
+        out = np.full(scores.shape, np.nan)
+        out[finite] = (order + 0.5) / max(1, finite.sum())
+        return out, ("0%", "50%", "100%")
+    if mode == "none":
+        lo, hi = 0.0 if vmin is None else vmin, 1.0 if vmax is None else vmax
+    elif mode == "minmax":
+        lo = float(np.min(scores[finite])) if vmin is None and finite.any() else (vmin or 0.0)
+        hi = float(np.max(scores[finite])) if vmax is None and finite.any() else (vmax or 1.0)
+    else:
+        raise MilkitError(f"normalize must be one of {list(NORMALIZE)}", value=mode)
+    span = hi - lo
+    out = np.clip((scores - lo) / span, 0.0, 1.0) if span > 0 else np.full(scores.shape, 0.5)
+    return out, (f"{lo:.3g}", f"{(lo + hi) / 2:.3g}", f"{hi:.3g}")
+
+
+def _score_canvas(
+    coords: np.ndarray,
+    values: np.ndarray,
+    patch_size_level0: float,
+    level0_dims: tuple[int, int],
+    shape: tuple[int, int],
+) -> np.ndarray:
+    """(H, W) mean score per thumbnail pixel, NaN where no tile lies."""
+    h, w = shape
+    w0, h0 = level0_dims
+    sx, sy = w / w0, h / h0
+    acc = np.zeros((h, w), dtype=np.float64)
+    cnt = np.zeros((h, w), dtype=np.int32)
+    x0 = np.floor(coords[:, 0] * sx).astype(np.int64)
+    y0 = np.floor(coords[:, 1] * sy).astype(np.int64)
+    x1 = np.maximum(x0 + 1, np.ceil((coords[:, 0] + patch_size_level0) * sx).astype(np.int64))
+    y1 = np.maximum(y0 + 1, np.ceil((coords[:, 1] + patch_size_level0) * sy).astype(np.int64))
+    x0, x1 = np.clip(x0, 0, w), np.clip(x1, 0, w)
+    y0, y1 = np.clip(y0, 0, h), np.clip(y1, 0, h)
+    for i in np.flatnonzero(np.isfinite(values) & (x1 > x0) & (y1 > y0)):
+        acc[y0[i] : y1[i], x0[i] : x1[i]] += values[i]
+        cnt[y0[i] : y1[i], x0[i] : x1[i]] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cnt > 0, acc / np.maximum(cnt, 1), np.nan)
+
+
+def _font() -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=12)
+    except TypeError:  # Pillow < 10.1 has no size argument
+        return ImageFont.load_default()
+
+
+def draw_heatmap(
+    thumbnail_rgb: np.ndarray,
+    coords: np.ndarray,
+    scores: Sequence[float] | np.ndarray,
+    patch_size_level0: float,
+    level0_dims: tuple[int, int],
+    out_png: str | os.PathLike[str],
+    *,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    title: str | None = None,
+    normalize: str = "minmax",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    label: str = "score",
+) -> Path:
+    """Paint per-tile scores onto a thumbnail and write a PNG with a colour bar (atomic).
+
+    Args:
+        thumbnail_rgb: (H, W, 3) uint8 overview of the slide.
+        coords: (N, 2) level-0 (x, y) top-left corners of the tiles (the bag's ``coords``).
+        scores: (N,) per-tile scores (attention, instance probability); (heads, N) is averaged.
+            NaN scores are left unpainted.
+        patch_size_level0: tile side in level-0 pixels.
+        level0_dims: (width, height) of level 0, to scale coords onto the thumbnail.
+        out_png: output file.
+        cmap: matplotlib colour map name.
+        alpha: opacity of the colour over the thumbnail (0..1).
+        title: drawn in a band below the heatmap.
+        normalize: ``minmax`` (scores → [0, 1] between their min and max, or ``vmin``/``vmax``),
+            ``rank`` (percentile among tiles, CLAM's scaling) or ``none`` (clip to
+            ``[vmin or 0, vmax or 1]``).
+        label: colour-bar caption.
+
+    Returns the PNG path. The heatmap is the top-left (H, W) block of the image.
+    """
+    import matplotlib
+    from PIL import Image, ImageDraw
+
+    thumb = _as_rgb(thumbnail_rgb)
+    h, w = thumb.shape[:2]
+    crd = np.asarray(coords, dtype=np.float64)
+    if crd.ndim != 2 or crd.shape[1] != 2:
+        raise MilkitError("coords must have shape (N, 2)", value=crd.shape)
+    values = _as_scores(scores, len(crd))
+    if not patch_size_level0 or patch_size_level0 <= 0:
+        raise MilkitError("patch_size_level0 must be positive", value=patch_size_level0)
+    w0, h0 = (int(v) for v in level0_dims)
+    if w0 <= 0 or h0 <= 0:
+        raise MilkitError("level0_dims must be positive (width, height)", value=level0_dims)
+    if not 0.0 <= alpha <= 1.0:
+        raise MilkitError("alpha must be in [0, 1]", value=alpha)
+    try:
+        colormap = matplotlib.colormaps[cmap]
+    except KeyError as err:
+        raise MilkitError("unknown matplotlib colour map", value=cmap) from err
+
+    norm, tick_labels = _normalise(values, normalize, vmin, vmax)
+    canvas = _score_canvas(crd, norm, float(patch_size_level0), (w0, h0), (h, w))
+    painted = np.isfinite(canvas)
+    colours = (colormap(np.nan_to_num(canvas))[..., :3] * 255.0).astype(np.float64)
+    blended = thumb.astype(np.float64)
+    blended[painted] = (1 - alpha) * blended[painted] + alpha * colours[painted]
+    heat = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+    body_h = max(h, _MIN_HEIGHT)
+    total_h = body_h + (_TITLE_HEIGHT if title else 0)
+    out = Image.new("RGB", (w + _PANEL_WIDTH, total_h), (255, 255, 255))
+    out.paste(Image.fromarray(heat), (0, 0))
+    draw = ImageDraw.Draw(out)
+    font = _font()
+    bar_top, bar_bottom = 20, body_h - 20
+    bar_x = w + 12
+    ramp = np.linspace(1.0, 0.0, max(2, bar_bottom - bar_top))
+    bar = (colormap(ramp)[:, :3] * 255).astype(np.uint8)
+    bar_img = np.repeat(bar[:, None, :], _BAR_WIDTH, axis=1)
+    out.paste(Image.fromarray(bar_img), (bar_x, bar_top))
+    draw.rectangle(
+        [bar_x - 1, bar_top - 1, bar_x + _BAR_WIDTH, bar_top + len(ramp)], outline=(0, 0, 0)
+    )
+    for frac, text in zip((1.0, 0.5, 0.0), reversed(tick_labels), strict=True):
+        y = bar_top + round((1.0 - frac) * (len(ramp) - 1))
+        draw.line([bar_x + _BAR_WIDTH, y, bar_x + _BAR_WIDTH + 4, y], fill=(0, 0, 0))
+        draw.text((bar_x + _BAR_WIDTH + 6, y - 6), text, fill=(0, 0, 0), font=font)
+    draw.text((bar_x - 4, 3), label[:14], fill=(0, 0, 0), font=font)
+    if title:
+        draw.text((4, body_h + 4), title, fill=(0, 0, 0), font=font)
+    path = Path(out_png)
+    with atomic_path(path) as tmp:
+        out.save(tmp, format="PNG")
+    return path
+
+
+def _read_coords(bag_path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    import h5py
+
+    from milkit.bags import read_bag_header
+
+    header = read_bag_header(bag_path)
+    if not header.has_coords:
+        raise MilkitError(
+            "bag has no tile coordinates, so nothing can be drawn on the slide",
+            path=bag_path,
+            hint="Heatmaps need an HDF5 bag with a 'coords' dataset",
+        )
+    with h5py.File(bag_path, "r") as f:
+        coords = np.asarray(f["coords"][()], dtype=np.int64)
+    return coords, dict(header.coords_attrs)
+
+
+def _patch_size_level0(attrs: dict[str, Any], coords: np.ndarray, bag_path: Path) -> float:
+    if _positive(attrs.get("patch_size_level0")):
+        return float(attrs["patch_size_level0"])
+    # CLAM: patch_size at patch_level with the level's downsample
+    if _positive(attrs.get("patch_size")) and _positive(attrs.get("downsample")):
+        ds = np.asarray(attrs["downsample"], dtype=np.float64).ravel()
+        return float(attrs["patch_size"]) * float(ds[0])
+    # last resort: the grid step between neighbouring tiles
+    steps = [np.diff(np.unique(coords[:, k])) for k in (0, 1)] if len(coords) > 1 else []
+    steps = [s[s > 0] for s in steps]
+    positive = [int(s.min()) for s in steps if len(s)]
+    if positive:
+        return float(min(positive))
+    raise MilkitError(
+        "cannot tell the tile size of the bag (no patch_size_level0 attribute)",
+        path=bag_path,
+        hint="Pass patch_size_level0=... explicitly",
+    )
+
+
+def _positive(value: Any) -> bool:
+    try:
+        arr = np.asarray(value, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        return False
+    return arr.size > 0 and bool(np.isfinite(arr[0])) and arr[0] > 0
+
+
+def heatmap_for_slide(
+    slide_path: str | os.PathLike[str] | None,
+    bag_path: str | os.PathLike[str],
+    scores: Sequence[float] | np.ndarray,
+    out_png: str | os.PathLike[str],
+    *,
+    thumbnail_size: int = 2048,
+    patch_size_level0: float | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Draw a bag's tile scores on its slide's thumbnail (see ``draw_heatmap`` for ``kwargs``).
+
+    The slide is opened with ``feature_extraction.slides.Slide``; without a slide
+    (``slide_path=None``) the scores are drawn on a blank canvas with the slide's aspect ratio,
+    taken from the bag's ``level0_width``/``level0_height`` attributes (or the tile extent).
+    """
+    bag_path = Path(bag_path)
+    coords, attrs = _read_coords(bag_path)
+    ps = (
+        float(patch_size_level0)
+        if patch_size_level0
+        else _patch_size_level0(attrs, coords, bag_path)
+    )
+    if slide_path is not None:
+        from feature_extraction.slides import Slide
+
+        with Slide(slide_path) as slide:
+            thumb = slide.thumbnail(thumbnail_size)
+            dims = tuple(int(v) for v in slide.dimensions)
+    else:
+        if _positive(attrs.get("level0_width")) and _positive(attrs.get("level0_height")):
+            dims = (int(attrs["level0_width"]), int(attrs["level0_height"]))
+        elif len(coords):
+            dims = (int(coords[:, 0].max() + ps), int(coords[:, 1].max() + ps))
+        else:
+            dims = (thumbnail_size, thumbnail_size)
+        scale = min(1.0, thumbnail_size / max(dims))
+        tw, th = max(1, math.ceil(dims[0] * scale)), max(1, math.ceil(dims[1] * scale))
+        thumb = np.full((th, tw, 3), _BLANK_GREY, dtype=np.uint8)
+    kwargs.setdefault("title", bag_path.stem)
+    return draw_heatmap(thumb, coords, scores, ps, dims, out_png, **kwargs)  # type: ignore[arg-type]
+
+
+__all__ = ["NORMALIZE", "draw_heatmap", "heatmap_for_slide"]
