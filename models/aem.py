@@ -142,6 +142,18 @@ class AttentionEntropyMixin:
                 hint="AEM regularises attention; wrap a model with instance attention "
                 "(e.g. abmil-gated, transmil)",
             )
+        if (
+            self.training
+            and self.lamda != 0.0
+            and torch.is_grad_enabled()
+            and not out.attention_logits.requires_grad
+        ):
+            raise MilkitError(
+                f"{self.model_name}: the base model's attention_logits carry no gradient, so the "
+                "AEM term cannot train it",
+                hint="use a base whose attention comes from a differentiable softmax "
+                "(e.g. abmil-gated, aem-mha)",
+            )
         aux = dict(out.aux_losses)
         aux["aem_entropy"] = self.lamda * attention_entropy_term(out.attention_logits, mask).mean()
         attention, logits, inst = out.attention, out.attention_logits, out.instance_logits
@@ -310,6 +322,11 @@ class AEM(AttentionEntropyMixin, MILModel):
         base_kwargs: overrides passed to ``models.create(base, ...)``.
         lamda: λ, default 0.1 (official README example; argparse default 0.0 = baseline).
         subsampling: keep ⌊r·N⌋ random instances per training forward; 1.0 = off.
+
+    The base must return differentiable *pre-softmax* logits (a softmax over instances gives its
+    attention): ABMIL variants qualify; milkit's ``transmil`` does not (its ``attention_logits``
+    are the Nyström approximation's cls row, computed without gradient) and is refused in
+    training with a clear error.
 
     ``training_preset`` is the AEM recipe (as for ``aem-mha``/``aem-abmil``): the paper trains
     every framework it regularises with that setup; pass overrides to use the base's recipe.

@@ -265,6 +265,57 @@ def no_attention_model():
     _REGISTRY.pop("test-no-attention")
 
 
+class _DetachedAttention(_NoAttention):
+    def forward(self, x, mask=None, coords=None):
+        out = super().forward(x, mask, coords)
+        logits = x.sum(-1).detach()
+        return MILOutput(out.logits, out.embedding, logits.softmax(-1), logits)
+
+
+@pytest.fixture
+def detached_attention_model():
+    register_aggregator("test-detached-attention")(_DetachedAttention)
+    yield "test-detached-attention"
+    _REGISTRY.pop("test-detached-attention")
+
+
+def test_wrapper_rejects_attention_without_gradient_in_training(detached_attention_model):
+    model = models.create("aem", D, 2, base=detached_attention_model)
+    x = torch.randn(1, 3, D)
+    with pytest.raises(MilkitError, match=r"carry no gradient.*abmil-gated"):
+        model.train()(x)
+    assert "aem_entropy" in model.eval()(x).aux_losses  # evaluation still works
+    assert (
+        "aem_entropy"
+        in models.create("aem", D, 2, base=detached_attention_model, lamda=0)(x).aux_losses
+    )  # λ = 0 (the baseline) needs no gradient
+
+
+def _check_autocast(device: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(7)
+    model = models.create("aem-mha", D, 2, inner_dim=16).to(device).eval()
+    x, mask = _padded([9, 5])
+    x, mask = x.to(device), mask.to(device)
+    ref = model(x, mask).aux_losses["aem_entropy"]
+    with torch.autocast(device, dtype=dtype):
+        out = model.train()(x, mask)
+    model.eval()
+    term = out.aux_losses["aem_entropy"]
+    assert term.dtype == torch.float32 and torch.isfinite(term)
+    assert term.item() == pytest.approx(ref.item(), abs=5e-3)
+    term.backward()
+    assert torch.isfinite(model.pool.query.grad).all()
+
+
+def test_entropy_term_is_float32_under_cpu_autocast():
+    _check_autocast("cpu", torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_entropy_term_under_cuda_autocast():
+    _check_autocast("cuda", torch.float16)
+
+
 def test_wrapper_rejects_base_without_attention(no_attention_model):
     model = models.create("aem", D, 2, base=no_attention_model)
     with pytest.raises(MilkitError, match=r"returns no attention_logits.*abmil-gated"):
