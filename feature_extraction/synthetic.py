@@ -335,6 +335,7 @@ def _save_masks(path: Path, slide: SyntheticSlide) -> None:
             height=np.int64(slide.height),
             mpp=np.float64(slide.mpp),
             texture_seed=np.int64(slide.texture_seed),
+            slide_name=np.str_(path.name),
         )
 
 
@@ -349,7 +350,12 @@ def load_synthetic_masks(path: str | Path) -> SyntheticSlide:
             hint="Only slides made by feature_extraction.synthetic have them",
         )
     with np.load(npz) as data:
-        slide_path = path if npz is not path else npz.with_name(npz.name[: -len(".masks.npz")])
+        if npz is not path:
+            slide_path = path
+        elif "slide_name" in data:
+            slide_path = npz.with_name(str(data["slide_name"]))
+        else:
+            slide_path = npz.with_name(npz.name[: -len(".masks.npz")])
         return SyntheticSlide(
             path=slide_path,
             width=int(data["width"]),
@@ -496,7 +502,8 @@ def make_plain_tiff(
     if width * height > 2**26:
         raise MilkitError("plain TIFFs are held in memory; keep them small", value=(width, height))
     tissue, tumour, ds = make_layout(width, height, seed=seed, tissue_fraction=tissue_fraction)
-    slide = SyntheticSlide(path, width, height, float(mpp or 0.0), tissue, tumour, ds, seed)
+    # Without resolution tags the pixels are still drawn at 0.5 µm/px scale.
+    slide = SyntheticSlide(path, width, height, float(mpp or 0.5), tissue, tumour, ds, seed)
     rgb = render_region(slide, 0, 0, width, height)
     kwargs: dict = {}
     if mpp is not None:
