@@ -351,8 +351,100 @@ def _item(features: torch.Tensor, coords: torch.Tensor | None, label: int, sid: 
     return {"features": features, "coords": coords, "label": int(label), "slide_id": sid}
 
 
+def _raw_plan(ds: h5py.Dataset) -> list[tuple[int, int, int]] | None:
+    """File byte ranges of an uncompressed dataset as (row_start, row_stop, file_offset), or
+    None when the fast path does not apply (filters, foreign byte order, partial chunks, ...).
+
+    Bags are written row-chunked without filters (DESIGN §3), so the features are a few
+    contiguous byte runs that can be read straight into the output array.
+    """
+    n, dim = ds.shape
+    dtype = ds.dtype
+    if dtype.byteorder not in ("=", "|", "<" if np.little_endian else ">"):
+        return None
+    if dtype.kind != "f" or ds.compression or ds.shuffle or ds.fletcher32 or ds.scaleoffset:
+        return None
+    if ds.external or ds.is_virtual:
+        return None
+    dsid = ds.id
+    if ds.chunks is None:
+        offset = dsid.get_offset()
+        return None if offset is None else [(0, n, int(offset))]
+    rows, cols = ds.chunks
+    if cols != dim:
+        return None
+    count = dsid.get_num_chunks()
+    if count != -(-n // rows):
+        return None
+    chunk_bytes = rows * dim * dtype.itemsize
+    plan = []
+    for k in range(count):
+        info = dsid.get_chunk_info(k)
+        if info.filter_mask or info.size != chunk_bytes or info.byte_offset is None:
+            return None
+        start = int(info.chunk_offset[0])
+        plan.append((start, min(n, start + rows), int(info.byte_offset)))
+    plan.sort()
+    return plan
+
+
+def _pread_into(path: Path, out: np.ndarray, plan: list[tuple[int, int, int]]) -> bool:
+    """Fill ``out`` from the byte ranges of ``plan``; False if the file came up short."""
+    row_bytes = out.shape[1] * out.dtype.itemsize
+    flat = memoryview(out.reshape(-1).view(np.uint8))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for start, stop, offset in plan:
+            want = (stop - start) * row_bytes
+            view = flat[start * row_bytes : start * row_bytes + want]
+            done = 0
+            while done < want:
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got <= 0:
+                    return False
+                done += got
+    finally:
+        os.close(fd)
+    return True
+
+
+_F16_STEP = 1 << 18  # elements converted per step (512 KiB of float16: stays in cache)
+
+
+def _read_float16_as_float32(
+    path: Path, shape: tuple[int, int], plan: list[tuple[int, int, int]]
+) -> np.ndarray:
+    """Read a float16 bag into a fresh float32 array without a second full-size buffer.
+
+    The float16 bytes are read into the upper half of the float32 output, then converted front
+    to back through a small buffer. Output element i (bytes 4i..4i+4) never reaches float16
+    element j > i still to be read (bytes 2ND + 2j), so nothing unread is overwritten. This is
+    ~2-3x faster than reading then ``astype``, which touches twice the fresh memory.
+    """
+    n, dim = shape
+    total = n * dim
+    out = np.empty((n, dim), dtype=np.float32)
+    upper = out.reshape(-1).view(np.float16)[total:].reshape(n, dim)
+    if not _pread_into(path, upper, plan):
+        with h5py.File(path, "r") as f:
+            return f["features"][()].astype(np.float32)
+    dst = torch.from_numpy(out).view(-1)
+    src = torch.from_numpy(upper).view(-1)
+    buf = torch.empty(min(_F16_STEP, total), dtype=torch.float16)
+    for start in range(0, total, _F16_STEP):
+        k = min(_F16_STEP, total - start)
+        buf[:k].copy_(src[start : start + k])
+        dst[start : start + k].copy_(buf[:k])
+    return out
+
+
 def _read_h5_arrays(path: Path, load_coords: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Features (as float32) and coords of one HDF5 bag with ``read_direct`` (no extra copies)."""
+    """Features (as float32) and coords of one HDF5 bag.
+
+    Uncompressed bags (ours, TRIDENT's, CLAM's) are read with ``os.preadv`` straight from the
+    chunk byte ranges into the output array (about twice as fast as HDF5's own read path, which
+    goes through its chunk cache); anything else falls back to ``read_direct``.
+    """
     try:
         f = h5py.File(path, "r")
     except OSError as err:
@@ -361,17 +453,29 @@ def _read_h5_arrays(path: Path, load_coords: bool) -> tuple[np.ndarray, np.ndarr
         if "features" not in f:
             raise MilkitError("bag has no 'features' dataset", path=path)
         ds = f["features"]
-        features = np.empty(ds.shape, dtype=ds.dtype)
-        if features.size:
-            ds.read_direct(features)
-        if features.dtype != np.float32:
-            features = features.astype(np.float32)
+        if ds.ndim != 2:
+            raise MilkitError("bag 'features' must be 2-D (N, D)", value=ds.shape, path=path)
+        plan = _raw_plan(ds) if ds.size and hasattr(os, "preadv") else None
+        if plan is not None and ds.dtype == np.float16:
+            features = None  # read below, straight into the float32 output
+        else:
+            features = np.empty(ds.shape, dtype=ds.dtype)
+            if features.size and plan is None:
+                ds.read_direct(features)
+        shape = ds.shape
         coords = None
         if load_coords and "coords" in f:
             cds = f["coords"]
             coords = np.empty(cds.shape, dtype=np.int64)
             if coords.size:
                 cds.read_direct(coords)
+    if features is None:
+        features = _read_float16_as_float32(path, shape, plan)  # type: ignore[arg-type]
+    elif plan is not None and not _pread_into(path, features, plan):
+        with h5py.File(path, "r") as f:
+            f["features"].read_direct(features)
+    if features.dtype != np.float32:
+        features = features.astype(np.float32)
     return features, coords
 
 

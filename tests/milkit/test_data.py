@@ -292,3 +292,50 @@ def test_class_weights() -> None:
     assert w3[1] == 0 and torch.isclose(w3[0], torch.tensor(1.0))
     with pytest.raises(MilkitError, match="class indices"):
         class_weights([0, 3], 2)
+
+
+@pytest.mark.parametrize(
+    ("layout", "dtype"),
+    [
+        ({"chunks": (3, 6)}, "<f4"),  # several chunks, last one partial: fast path
+        ({}, "<f4"),  # contiguous: fast path
+        ({"chunks": (4, 6), "compression": "gzip"}, "<f4"),  # filtered: HDF5 fallback
+        ({"chunks": (4, 2)}, "<f4"),  # column-split chunks: fallback
+        ({"chunks": (5, 6)}, ">f4"),  # big-endian: fallback
+        ({"chunks": (5, 6)}, "<f8"),  # float64 converted
+        ({"chunks": (5, 6)}, "<f2"),  # float16 converted
+    ],
+)
+def test_fast_reader_matches_hdf5(tmp_path: Path, layout: dict, dtype: str) -> None:
+    """Foreign (CLAM/TRIDENT-style) layouts read back exactly, fast path or not."""
+    import h5py
+
+    feats = np.random.default_rng(1).normal(size=(11, 6)).astype(dtype)
+    path = tmp_path / "clam.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=feats, **layout)
+        f.create_dataset("coords", data=_grid(11))
+    item = BagDataset([path], [0])[0]
+    assert item["features"].dtype == torch.float32
+    np.testing.assert_array_equal(item["features"].numpy(), feats.astype(np.float32))
+    np.testing.assert_array_equal(item["coords"].numpy(), _grid(11))
+
+
+def test_fast_reader_is_used_for_milkit_bags(tmp_path: Path) -> None:
+    import h5py
+
+    from milkit.data import _raw_plan
+
+    _bag(tmp_path / "a.h5", n=3000, dim=256)  # 2 MiB chunks -> 2 chunks
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        plan = _raw_plan(f["features"])
+    assert plan is not None and [p[:2] for p in plan] == [(0, 2048), (2048, 3000)]
+
+
+def test_float16_in_place_conversion_spans_many_steps(tmp_path: Path) -> None:
+    from milkit import data
+
+    feats = _bag(tmp_path / "h.h5", n=3001, dim=200, seed=4, dtype="float16")  # 600k values
+    assert 2 * data._F16_STEP < 3001 * 200
+    out = BagDataset([tmp_path / "h.h5"])[0]["features"].numpy()
+    np.testing.assert_array_equal(out, feats.astype(np.float16).astype(np.float32))
