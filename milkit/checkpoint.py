@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,9 @@ def safe_torch_load(path: str | os.PathLike[str], *, map_location: str = "cpu") 
             hint="Check the run folder; `milkit train --out RUN` writes RUN/fold_<k>/best.pt",
         )
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # old pickle protocols warn; the load is still safe
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise MilkitError(
             "refusing to load checkpoint: it contains Python objects other than weights and "

@@ -1,0 +1,293 @@
+"""K-fold cross-validation of one aggregator over a labelled cohort; writes a run folder.
+
+Leak-free protocol (specs/models.md §8.4): early stopping and checkpoint selection use the inner
+validation split of each fold; the test fold is predicted once, with the selected checkpoint, and
+only then scored. No threshold is tuned on the evaluated predictions (arg-max class).
+
+Run folder (``out_dir``)::
+
+    run.json            model name + kwargs, train config, class names, in_dim, data paths
+    splits.csv          slide_id, fold, split
+    fold_<k>/best.pt    selected weights (+ last.pt for --resume), log.csv, log.jsonl
+    fold_<k>/predictions.csv, metrics.json, roc.png
+    summary.json, summary.csv   per-fold test metrics and mean ± std over folds
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from milkit.atomic import atomic_path, atomic_write_text
+from milkit.checkpoint import plain
+from milkit.distributed import barrier, setup_distributed
+from milkit.errors import MilkitError
+from milkit.train import Predictions, TrainConfig, Trainer, predict, resolve_device, seed_everything
+
+RUN_FILE = "run.json"
+SPLITS_FILE = "splits.csv"
+
+
+@dataclass
+class CVResult:
+    """Per-fold test metrics, their mean ± std summary, and where everything was written."""
+
+    out_dir: Path
+    folds: list[dict[str, Any]]
+    summary: dict[str, dict[str, float]]
+    splits: list[Any]
+
+
+def build_model(model_name: str, in_dim: int, num_classes: int, model_kwargs: Mapping | None):
+    """``models.create`` with registry errors turned into one-line MilkitErrors."""
+    import models
+
+    try:
+        return models.create(model_name, in_dim, num_classes, **dict(model_kwargs or {}))
+    except KeyError as err:
+        raise MilkitError(str(err).strip("'\""), hint=None) from None
+    except (TypeError, ValueError) as err:
+        raise MilkitError(f"cannot build model {model_name!r}: {err}") from None
+
+
+def _json(value: Any) -> str:
+    def default(o: Any) -> Any:
+        if isinstance(o, (np.integer, np.floating)):
+            return o.item()
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(type(o).__name__)
+
+    text = json.dumps(value, indent=2, default=default, allow_nan=True)
+    return text + "\n"
+
+
+def write_fold_outputs(
+    fold_dir: Path,
+    preds: Predictions,
+    class_names: Sequence[str],
+    extra: Mapping[str, Any] | None = None,
+    *,
+    bootstrap: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write predictions.csv, metrics.json and roc.png of one fold; return the metrics."""
+    from milkit.metrics import bootstrap_ci, classification_metrics, plot_roc
+
+    frame = preds.to_frame(class_names)
+    with atomic_path(fold_dir / "predictions.csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a class absent from a small test fold: AUC = NaN
+        metrics = classification_metrics(preds.labels, preds.probs, class_names)
+    metrics = {**dict(extra or {}), **metrics}
+    if bootstrap > 0:
+        low, high = bootstrap_ci(preds.labels, preds.probs, "auc", n_boot=bootstrap, seed=seed)
+        metrics["auc_ci_low"], metrics["auc_ci_high"] = low, high
+    atomic_write_text(fold_dir / "metrics.json", _json(metrics))
+    if len(np.unique(preds.labels)) > 1:
+        plot_roc(preds.labels, preds.probs, class_names, fold_dir / "roc.png",
+                 title=f"{fold_dir.name}: AUC {metrics['auc']:.3f}")  # fmt: skip
+    return metrics
+
+
+def write_summary(out_dir: Path, fold_metrics: list[dict[str, Any]], header: Mapping) -> dict:
+    """summary.json (per fold + mean/std) and summary.csv (one row per fold + mean + std)."""
+    import pandas as pd
+
+    from milkit.metrics import summarise_folds
+
+    summary = summarise_folds([{k: v for k, v in m.items() if k != "fold"} for m in fold_metrics])
+    atomic_write_text(
+        out_dir / "summary.json",
+        _json({**dict(header), "folds": fold_metrics, "summary": summary}),
+    )
+    keys = list(summary)
+    rows = [{"fold": m.get("fold"), **{k: m.get(k) for k in keys}} for m in fold_metrics]
+    rows.append({"fold": "mean", **{k: summary[k]["mean"] for k in keys}})
+    rows.append({"fold": "std", **{k: summary[k]["std"] for k in keys}})
+    with atomic_path(out_dir / "summary.csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    return summary
+
+
+def _check_existing_run(out_dir: Path, info: Mapping[str, Any], resume: bool) -> None:
+    run_file = out_dir / RUN_FILE
+    if not run_file.exists():
+        return
+    if not resume:
+        raise MilkitError(
+            "run folder already holds a run",
+            path=out_dir,
+            hint="Use --resume to continue it, or choose another --out",
+        )
+    old = json.loads(run_file.read_text())
+    for key in ("model_name", "model_kwargs", "class_names", "in_dim"):
+        if old.get(key) != info.get(key):
+            raise MilkitError(
+                f"cannot resume: {key} differs from the existing run",
+                value=info.get(key),
+                path=run_file,
+                hint=f"The run was started with {key}={old.get(key)!r}",
+            )
+
+
+def cross_validate(
+    table: Any,
+    model_name: str,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    folds: int = 5,
+    model_kwargs: Mapping[str, Any] | None = None,
+    splits: Sequence[Any] | None = None,
+    resume: bool = False,
+    val_fraction: float = 0.15,
+    bootstrap: int = 0,
+    run_info: Mapping[str, Any] | None = None,
+) -> CVResult:
+    """Train and test ``model_name`` on every fold of ``table`` (a ``milkit.data.LabelTable``).
+
+    Args:
+        table: the validated cohort.
+        model_name: a registered aggregator (``milkit models``).
+        config: training config (the same for every fold; each fold is seeded with
+            ``config.seed`` so a fold can be rerun alone).
+        out_dir: the run folder.
+        folds: number of folds when ``splits`` is not given (a table with a ``split`` column
+            uses its one fixed split instead).
+        model_kwargs: constructor overrides for the aggregator.
+        splits: precomputed ``FoldSplit`` list (e.g. ``load_splits``); validated against table.
+        resume: continue a crashed run: finished folds (``metrics.json``) are kept, a fold with
+            a ``last.pt`` resumes from it, the saved ``splits.csv`` is reused.
+        val_fraction: inner-validation share of each fold's training cases.
+        bootstrap: resamples for a bootstrap 95 % CI of each fold's AUC (0: none).
+        run_info: extra keys for run.json (e.g. the labels CSV and bags dir).
+    """
+    from milkit.data import BagDataset
+    from milkit.splits import (
+        fixed_split,
+        load_splits,
+        make_cv_splits,
+        save_splits,
+        validate_splits,
+    )
+
+    out_dir = Path(out_dir)
+    device = resolve_device(config.device)
+    dist_info = setup_distributed(device)
+    model_kwargs = dict(model_kwargs or {})
+    class_names = list(table.class_names)
+    # Fail on a model typo before anything is written.
+    build_model(model_name, table.in_dim, len(class_names), model_kwargs)
+    from milkit import __version__
+
+    info = {
+        "model_name": model_name,
+        "model_kwargs": plain(model_kwargs),
+        "class_names": class_names,
+        "in_dim": int(table.in_dim),
+        "train_config": config.to_dict(),
+        "labels_csv": str(table.csv_path) if getattr(table, "csv_path", None) else None,
+        "bags_dir": str(table.bags_dir) if getattr(table, "bags_dir", None) else None,
+        "milkit_version": __version__,
+        **dict(run_info or {}),
+    }
+    _check_existing_run(out_dir, info, resume)
+
+    splits_path = out_dir / SPLITS_FILE
+    if splits is None and resume and splits_path.exists():
+        splits = load_splits(splits_path)
+    if splits is None:
+        if getattr(table, "has_split", False):
+            splits = [fixed_split(table)]
+        else:
+            splits = make_cv_splits(table, folds=folds, val_fraction=val_fraction, seed=config.seed)
+    else:
+        validate_splits(splits, table)
+    splits = list(splits)
+    info["folds"] = len(splits)
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_splits(splits, splits_path)
+        info["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        atomic_write_text(out_dir / RUN_FILE, _json(info))
+    barrier()
+
+    ds_kw = {"cache": config.cache}
+    fold_metrics: list[dict[str, Any]] = []
+    for split in splits:
+        fold_dir = out_dir / f"fold_{split.fold}"
+        done = fold_dir / "metrics.json"
+        if resume and done.exists():
+            fold_metrics.append(json.loads(done.read_text()))
+            continue
+        seed_everything(config.seed)
+        model = build_model(model_name, table.in_dim, len(class_names), model_kwargs)
+        train_ds = BagDataset.from_table(
+            table,
+            split.train,
+            max_instances=config.max_instances,
+            feature_dropout=config.feature_dropout,
+            seed=config.seed,
+            **ds_kw,
+        )
+        val_ds = BagDataset.from_table(table, split.val, **ds_kw) if split.val else None
+        trainer = Trainer(
+            model,
+            config,
+            fold_dir,
+            class_names,
+            model_name=model_name,
+            model_kwargs=model_kwargs,
+            in_dim=table.in_dim,
+        )
+        fit = trainer.fit(train_ds, val_ds, resume=resume)
+        extra = {
+            "fold": split.fold,
+            "best_epoch": fit.best_epoch,
+            "best_val_score": fit.best_score,
+            "monitor": fit.monitor,
+            "epochs_run": len(fit.history),
+            "n_train": len(split.train),
+            "n_val": len(split.val),
+        }
+        if split.test and dist_info.is_main:
+            test_ds = BagDataset.from_table(table, split.test, **ds_kw)
+            preds = predict(model, test_ds, batch_size=config.batch_size, device=device)
+            metrics = write_fold_outputs(fold_dir, preds, class_names, extra,
+                                         bootstrap=bootstrap, seed=config.seed)  # fmt: skip
+            fold_metrics.append(metrics)
+        elif dist_info.is_main:
+            metrics = {**extra, "n": 0}
+            atomic_write_text(done, _json(metrics))
+            fold_metrics.append(metrics)
+        barrier()
+
+    summary: dict[str, dict[str, float]] = {}
+    scored = [m for m in fold_metrics if m.get("n", 0) > 0]
+    if dist_info.is_main and scored:
+        header = {"model_name": model_name, "model_kwargs": info["model_kwargs"]}
+        summary = write_summary(out_dir, scored, header)
+    return CVResult(out_dir=out_dir, folds=fold_metrics, summary=summary, splits=splits)
+
+
+def format_summary(summary: Mapping[str, Mapping[str, float]]) -> str:
+    """``auc 0.912 ± 0.031`` lines for the scalar metrics (for the CLI)."""
+    lines = []
+    for key in ("auc", "accuracy", "balanced_accuracy", "f1_macro"):
+        if key in summary:
+            m, s = summary[key]["mean"], summary[key]["std"]
+            if math.isfinite(m):
+                lines.append(f"{key:<18} {m:.3f} ± {s:.3f}")
+            else:
+                lines.append(f"{key:<18} n/a")
+    return "\n".join(lines)

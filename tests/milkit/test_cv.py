@@ -1,0 +1,112 @@
+"""Cross-validation: run folder layout, leak-free splits, summary, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from milkit.bags import write_bag
+from milkit.cv import cross_validate, format_summary
+from milkit.data import load_labels
+from milkit.errors import MilkitError
+from milkit.splits import load_splits
+from milkit.train import TrainConfig, load_checkpoint
+from tests.milkit._train_helpers import planted_bags
+
+
+def make_cohort(
+    root, n: int = 24, dim: int = 8, seed: int = 0, cases: bool = True, shift: float = 5.0
+):
+    """Bag files + labels CSV (two slides per case when ``cases``)."""
+    bags_dir = root / "bags"
+    bags, labels = planted_bags(n, dim, seed, shift=shift)
+    rows = []
+    for i, (x, y) in enumerate(zip(bags, labels)):
+        coords = np.stack([np.arange(len(x)) * 256, np.zeros(len(x), dtype=int)], 1)
+        write_bag(bags_dir / f"s{i:03d}.h5", x, coords)
+        case = f"c{(i // 4) * 2 + (i % 2):03d}" if cases else f"s{i:03d}"
+        rows.append({"slide_id": f"s{i:03d}", "label": ["benign", "tumour"][y], "case_id": case})
+    csv = root / "labels.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    return csv, bags_dir
+
+
+def _cfg(**kw):
+    return TrainConfig(**{"epochs": 4, "lr": 2e-2, "progress": False, "seed": 1, **kw})
+
+
+KW = {"fc_dim": 16, "attn_dim": 8}
+
+
+@pytest.mark.slow
+def test_cross_validation_writes_the_run_folder_and_resumes(tmp_path):
+    csv, bags_dir = make_cohort(tmp_path, n=30, shift=10.0)
+    table = load_labels(csv, bags_dir)
+    run = tmp_path / "run"
+    res = cross_validate(table, "abmil", _cfg(), run, folds=3, model_kwargs=KW, bootstrap=50)
+    assert [m["fold"] for m in res.folds] == [0, 1, 2]
+    info = json.loads((run / "run.json").read_text())
+    assert info["model_name"] == "abmil" and info["class_names"] == ["benign", "tumour"]
+    assert info["in_dim"] == 8 and info["labels_csv"] == str(csv)
+    # splits: every slide tested once, no case in two parts of a fold
+    splits = load_splits(run / "splits.csv")
+    case_of = dict(zip(table.frame["slide_id"], table.frame["case_id"]))
+    tested = sorted(s for sp in splits for s in sp.test)
+    assert tested == sorted(table.slide_ids)
+    for sp in splits:
+        train_cases = {case_of[s] for s in sp.train + sp.val}
+        assert not train_cases & {case_of[s] for s in sp.test}
+        assert sp.val, "inner validation split must exist"
+    for k, sp in enumerate(splits):
+        fold = run / f"fold_{k}"
+        for name in ("best.pt", "last.pt", "log.csv", "predictions.csv", "metrics.json"):
+            assert (fold / name).exists(), name
+        preds = pd.read_csv(fold / "predictions.csv")
+        assert sorted(preds["slide_id"]) == sorted(sp.test)
+        assert list(preds.columns) == ["slide_id", "label", "pred", "prob_benign", "prob_tumour"]
+        np.testing.assert_allclose(
+            preds[["prob_benign", "prob_tumour"]].sum(axis=1), 1.0, rtol=1e-6
+        )
+        metrics = json.loads((fold / "metrics.json").read_text())
+        assert metrics["n"] == len(sp.test) and "auc_ci_low" in metrics
+        _, meta = load_checkpoint(fold / "best.pt")
+        assert meta["model_kwargs"] == KW and meta["epoch"] == metrics["best_epoch"]
+    assert any((run / f"fold_{k}" / "roc.png").exists() for k in range(3))
+    summary = json.loads((run / "summary.json").read_text())["summary"]
+    assert summary["auc"]["mean"] > 0.8  # planted signal is easy
+    assert summary["auc"]["mean"] == pytest.approx(np.mean([m["auc"] for m in res.folds]))
+    table_csv = pd.read_csv(run / "summary.csv")
+    assert list(table_csv["fold"].astype(str)) == ["0", "1", "2", "mean", "std"]
+    assert "auc" in format_summary(res.summary)
+
+    # resume: finished folds are not retrained; an unfinished fold is redone from last.pt
+    stamp = (run / "fold_0" / "best.pt").stat().st_mtime_ns
+    (run / "fold_2" / "metrics.json").unlink()
+    again = cross_validate(table, "abmil", _cfg(), run, folds=3, model_kwargs=KW, resume=True)
+    assert (run / "fold_0" / "best.pt").stat().st_mtime_ns == stamp
+    assert again.folds[2]["auc"] == pytest.approx(res.folds[2]["auc"])
+    assert again.summary["auc"]["mean"] == pytest.approx(res.summary["auc"]["mean"])
+    with pytest.raises(MilkitError, match="run folder already holds a run"):
+        cross_validate(table, "abmil", _cfg(), run, folds=3, model_kwargs=KW)
+    with pytest.raises(MilkitError, match="cannot resume: model_kwargs differs"):
+        cross_validate(table, "abmil", _cfg(), run, folds=3, resume=True)
+
+
+def test_fixed_split_column_gives_one_fold_and_model_typo_fails_first(tmp_path):
+    csv, bags_dir = make_cohort(tmp_path, n=12, cases=False)
+    frame = pd.read_csv(csv)
+    frame["split"] = ["train"] * 6 + ["val"] * 2 + ["test"] * 4
+    frame.to_csv(csv, index=False)
+    table = load_labels(csv, bags_dir)
+    with pytest.raises(MilkitError, match="abmil"):
+        cross_validate(table, "abmll", _cfg(), tmp_path / "typo")
+    assert not (tmp_path / "typo").exists()
+    res = cross_validate(table, "abmil", _cfg(epochs=1), tmp_path / "run", model_kwargs=KW)
+    assert len(res.splits) == 1 and res.folds[0]["n"] == 4
+    assert res.splits[0].test == [f"s{i:03d}" for i in range(8, 12)]
+    sd = torch.load(tmp_path / "run" / "fold_0" / "best.pt", weights_only=True)
+    assert sd["meta"]["class_names"] == ["benign", "tumour"]
