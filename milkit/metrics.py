@@ -138,12 +138,18 @@ def classification_metrics(
     return out
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
 def summarise_folds(fold_metrics: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Mean and standard deviation across folds of every scalar metric.
 
     Returns ``{metric: {"mean": m, "std": s, "n": folds with a finite value}}`` for each key whose
-    values are numbers (``n`` and lists are skipped). NaN folds (an undefined AUC) are left out of
-    that metric's mean. ``std`` is the sample standard deviation (ddof = 1; 0 for one fold),
+    values are numbers (``n``, ``fold``, strings and lists are skipped). NaN or missing values (an
+    undefined AUC, a fold without the key) are left out of that metric's mean. ``std`` is the sample standard deviation (ddof = 1; 0 for one fold),
     as reported as mean ± std in the MIL literature.
     """
     if not fold_metrics:
@@ -151,15 +157,14 @@ def summarise_folds(fold_metrics: Sequence[dict[str, Any]]) -> dict[str, dict[st
     keys: list[str] = []
     for m in fold_metrics:
         for key, value in m.items():
-            if key == "n" or key in keys:
-                continue
-            if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-                value, bool
-            ):
+            if key not in ("n", "fold") and key not in keys and _is_number(value):
                 keys.append(key)
     summary: dict[str, dict[str, float]] = {}
     for key in keys:
-        values = np.array([float(m.get(key, math.nan)) for m in fold_metrics], dtype=np.float64)
+        values = np.array(
+            [float(v) if _is_number(v := m.get(key)) else math.nan for m in fold_metrics],
+            dtype=np.float64,
+        )
         finite = values[np.isfinite(values)]
         if finite.size == 0:
             summary[key] = {"mean": math.nan, "std": math.nan, "n": 0}

@@ -121,6 +121,10 @@ def test_summarise_folds() -> None:
     assert s["accuracy"]["mean"] == pytest.approx(0.8)
     assert s["accuracy"]["std"] == pytest.approx(0.1)
     assert summarise_folds([{"auc": 0.5}])["auc"]["std"] == 0.0
+    mixed = summarise_folds(
+        [{"fold": 0, "best_val": None, "monitor": "val_auc"}, {"fold": 1, "best_val": 0.7}]
+    )
+    assert mixed == {"best_val": {"mean": 0.7, "std": 0.0, "n": 1}}
     with pytest.raises(MilkitError):
         summarise_folds([])
 
