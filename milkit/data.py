@@ -196,7 +196,8 @@ def load_labels(
     if class_names is None:
         names = sorted(set(frame.loc[labelled, "label"]))
         if len(names) == 1:
-            report(f"only one class ({names[0]!r}); need at least two", "all slides")
+            n_lab = int(labelled.sum())
+            report("only one class (training needs two or more)", f"{names[0]!r} on all {n_lab}")
     else:
         names = [str(c) for c in class_names]
         for sid, lab in frame.loc[labelled, ["slide_id", "label"]].itertuples(index=False):
