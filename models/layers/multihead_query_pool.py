@@ -36,6 +36,11 @@ class MultiHeadQueryPool(nn.Module):
     ``forward(h (B, N, E), mask (B, N) | None)`` returns ``(z (B, E), attention (B, H, N),
     attention_logits (B, H, N))``; logits at padding are the dtype's minimum so that
     ``softmax(attention_logits) == attention``.
+
+    Cost: the key and value projections are folded into the query and the pooled bag (see
+    ``forward``), so the per-instance work is O(E·H) instead of O(E²); parameters and outputs are
+    those of the official layer (same state-dict names ``q_proj``/``k_proj``/``v_proj``/
+    ``out_proj``, equal to its math up to float rounding — tested against torch's MHA).
     """
 
     def __init__(
@@ -62,14 +67,21 @@ class MultiHeadQueryPool(nn.Module):
         self.scale = 1.0 / math.sqrt(dim // num_heads)  # 1/√(E/H), as in the official code
 
     def forward(self, h: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        heads = self.num_heads
-        q = rearrange(self.q_proj(self.query), "1 1 (h d) -> 1 h 1 d", h=heads)
-        k = rearrange(self.k_proj(h), "b n (h d) -> b h n d", h=heads)
-        v = rearrange(self.v_proj(h), "b n (h d) -> b h n d", h=heads)
-        logits = (q @ k.transpose(-1, -2)).squeeze(-2) * self.scale  # (B, H, N)
-        logits = fill_masked(logits, mask)
+        heads, d = self.num_heads, self.dim // self.num_heads
+        q = rearrange(self.q_proj(self.query), "1 1 (h d) -> h d", h=heads)
+        w_k = rearrange(self.k_proj.weight, "(h d) e -> h d e", h=heads)
+        w_v = rearrange(self.v_proj.weight, "(h d) e -> h d e", h=heads)
+        # Q_h·(W_k h + b_k)_h = h·(W_k,h^T Q_h) + Q_h·b_k,h: one (E → H) projection of the
+        # instances instead of the full (E → E) key projection; same function.
+        key_query = torch.einsum("hd,hde->he", q, w_k)
+        key_bias = (q * self.k_proj.bias.view(heads, d)).sum(-1)
+        logits = (torch.einsum("bne,he->bhn", h, key_query) + key_bias[:, None]) * self.scale
+        logits = fill_masked(logits, mask)  # (B, H, N)
         attention = masked_softmax(logits, mask)
-        pooled = torch.einsum("bhn,bhnd->bhd", attention, v)
-        z = self.out_proj(rearrange(pooled, "b h d -> b (h d)"))
+        # Σ_n a_hn (W_v h_n + b_v)_h = W_v,h (Σ_n a_hn h_n) + b_v,h because Σ_n a_hn = 1: pool
+        # first, then project (E·E per bag instead of N·E·E).
+        pooled = torch.einsum("bhn,bne->bhe", attention, h)
+        values = torch.einsum("bhe,hde->bhd", pooled, w_v) + self.v_proj.bias.view(heads, d)
+        z = self.out_proj(rearrange(values, "b h d -> b (h d)"))
         z = self.norm(self.dropout(z))
         return z, attention, logits

@@ -107,29 +107,31 @@ def test_lambda_zero_is_exactly_cross_entropy(name):
 
 
 def test_mha_matches_torch_multihead_attention():
-    """The 8-head query pool equals torch's reference MHA (separate q/k/v weights) + LayerNorm."""
+    """The 8-head query pool equals torch's reference MHA (separate q/k/v weights) + LayerNorm,
+    also for a padded batch (torch: key_padding_mask)."""
     torch.manual_seed(2)
     model = models.create("aem-mha", D, 2, inner_dim=32).eval()
-    x = torch.randn(1, 11, D)
-    out = model(x)
+    x, mask = _padded([11, 6])
+    out = model(x, mask)
     pool = model.pool
-    h = model.reduce(x).transpose(0, 1)  # (N, 1, E) for the functional API
-    q = pool.query.transpose(0, 1)
+    h = model.reduce(x).transpose(0, 1)  # (N, B, E) for the functional API
+    q = pool.query.expand(1, 2, 32)
     attn_out, weights = F.multi_head_attention_forward(
         q, h, h, 32, 8,
         in_proj_weight=None,
         in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
         bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
         out_proj_weight=pool.out_proj.weight, out_proj_bias=pool.out_proj.bias,
-        training=False, need_weights=True, use_separate_proj_weight=True,
-        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight,
-        v_proj_weight=pool.v_proj.weight, average_attn_weights=False,
+        training=False, key_padding_mask=~mask, need_weights=True,
+        use_separate_proj_weight=True, q_proj_weight=pool.q_proj.weight,
+        k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        average_attn_weights=False,
     )  # fmt: skip
     z = pool.norm(attn_out[0])
     torch.testing.assert_close(out.embedding, z, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.attention, weights[:, :, 0, :], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out.logits, model.head(z))
-    assert out.attention_logits.shape == (1, 8, 11)
+    assert out.attention_logits.shape == (2, 8, 11)
     torch.testing.assert_close(out.attention_logits.softmax(-1), out.attention)
 
 
