@@ -6,6 +6,7 @@ import math
 from typing import Any, ClassVar
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from models.abmil import init_xavier_
@@ -152,12 +153,18 @@ class TransMIL(MILModel):
         """Instance embeddings (B, N, dim) (MHIM masks instances after this layer)."""
         return self.fc(x)
 
-    def _forward_same_length(self, h: Tensor, attn_layer: int) -> tuple[Tensor, Tensor]:
-        """Bags of equal length ``h`` (B, n, dim) -> (z (B, dim), raw cls attention (B, H, n))."""
+    def _tokens(self, h: Tensor) -> tuple[Tensor, int]:
+        """[cls; h; first tokens repeated to fill the ⌈√n⌉² grid] and the grid side."""
         n = h.shape[1]
         side = math.isqrt(n - 1) + 1 if n > 1 else 1  # ⌈√n⌉
         add = side * side - n
-        h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h, h[:, :add]], dim=1)
+        return torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h, h[:, :add]], dim=1), side
+
+    def _forward_same_length(self, h: Tensor, attn_layer: int) -> tuple[Tensor, Tensor]:
+        """Bags of equal length ``h`` (B, n, dim) -> (z (B, dim), raw cls attention (B, H, n))."""
+        n = h.shape[1]
+        h, side = self._tokens(h)
+        add = side * side - n
         h, row1 = self.layer1(h, query_row=0 if attn_layer == 0 else None)
         h = self.pos_layer(h, side)
         h, row2 = self.layer2(h, query_row=0 if attn_layer != 0 else None)
@@ -165,6 +172,34 @@ class TransMIL(MILModel):
         raw = row[..., :n].clone()
         raw[..., :add] += row[..., n:]  # repeated tokens are the same instances
         return self.norm(h)[:, 0], raw
+
+    def _class_aware_same_length(self, h: Tensor) -> Tensor:
+        n = h.shape[1]
+        tokens, _ = self._tokens(h)
+        attn = self.layer1.attn
+        x = self.layer1.norm(tokens)
+        _, row = attn(x, query_row=0)
+        v = x @ attn.to_qkv.weight[2 * attn.heads * attn.dim_head :].T
+        v = rearrange(v, "b n (h d) -> b h n d", h=attn.heads)[:, :, 1 : n + 1]
+        feat = rearrange(row[..., 1 : n + 1, None] * v, "b h n d -> b n (h d)")
+        logits = attn.to_out(feat) @ self.head.weight.T + self.head.bias[0]
+        return logits.softmax(dim=-1).amax(dim=-1)
+
+    @torch.no_grad()
+    def class_aware_scores(self, h: Tensor, mask: Tensor | None = None) -> Tensor:
+        """MHIM-MIL v2 ``attn2score`` for TransMIL, (B, N), 0 at padding.
+
+        Per instance: per-head layer-1 cls attention times that head's value, heads
+        concatenated, layer-1 output projection, then the classifier weights plus the FIRST
+        class bias (the official ``get_pseudo_score_trans``; a shared bias cancels in the
+        softmax), softmax over classes, max over classes.
+        """
+        if mask is None or bool(mask.all()):
+            return self._class_aware_same_length(h)
+        scores = h.new_zeros(h.shape[:2])
+        for i in range(h.shape[0]):
+            scores[i, mask[i]] = self._class_aware_same_length(h[i : i + 1, mask[i]])[0]
+        return scores
 
     def forward_embedded(
         self, h: Tensor, mask: Tensor | None = None, attn_layer: int = -1
