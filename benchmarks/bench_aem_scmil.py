@@ -6,12 +6,14 @@ What is measured, per case in a fresh subprocess (so ``ru_maxrss`` is that case'
 - ``scmil``: one training step of ``scmil-abmil`` on a padded batch of 8 bags (N_max = N, sizes
   N/2..N) against the same base (``abmil-gated``) trained with CE only.
 
-Usage: ``python benchmarks/bench_aem_scmil.py [--sizes 1000,10000] [--repeats 5] [--device cpu]``
+Usage: ``python benchmarks/bench_aem_scmil.py [--sizes 1000,10000] [--repeats 5] [--device cpu]
+[--models 'aem-*']``
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import resource
 import statistics
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1000,10000", help="comma-separated bag sizes N")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--models", default="*", help="shell pattern over model names")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON of one case
     args = parser.parse_args(argv)
     if args.one:
@@ -94,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for n in (int(s) for s in args.sizes.split(",")):
         for name, kwargs in CASES:
+            if not fnmatch.fnmatch(name, args.models):
+                continue
             spec = json.dumps({"name": name, "kwargs": kwargs, "n": n})
             cmd = [sys.executable, __file__, "--one", spec, "--repeats", str(args.repeats),
                    "--device", args.device]  # fmt: skip
