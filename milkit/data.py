@@ -102,7 +102,18 @@ def _read_labels_csv(csv_path: Path, label_column: str) -> pd.DataFrame:
     if not csv_path.is_file():
         raise MilkitError("labels CSV not found", path=csv_path)
     try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        with csv_path.open(encoding="utf-8-sig") as fh:
+            header = fh.readline()
+        # comma by default; tab- or semicolon-separated files (spreadsheet exports) also work
+        sep = next((c for c in (",", "\t", ";") if c in header), ",")
+        frame = pd.read_csv(
+            csv_path,
+            sep=sep,
+            dtype=str,
+            keep_default_na=False,
+            skipinitialspace=True,
+            encoding="utf-8-sig",  # drops a spreadsheet's byte-order mark from the header
+        )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise MilkitError(
             f"cannot parse labels CSV ({type(err).__name__}: {err})",

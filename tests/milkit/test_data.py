@@ -101,6 +101,19 @@ def test_every_problem_reported_in_one_error(tmp_path: Path) -> None:
     assert str(csv) in msg
 
 
+@pytest.mark.parametrize("sep", [",", "\t", ";"])
+def test_spreadsheet_exports(tmp_path: Path, sep: str) -> None:
+    bags = tmp_path / "bags"
+    _bag(bags / "a.h5")
+    _bag(bags / "b.h5")
+    text = "\ufeff" + "\n".join(
+        sep.join(r) for r in [("slide_id", "label"), ("a", "x"), ("b", "y")]
+    )
+    (tmp_path / "l.csv").write_text(text + "\n", encoding="utf-8")
+    table = load_labels(tmp_path / "l.csv", bags)
+    assert table.slide_ids == ["a", "b"] and table.class_names == ["x", "y"]
+
+
 def test_single_class_and_unknown_labels(tmp_path: Path) -> None:
     bags = tmp_path / "bags"
     _bag(bags / "a.h5")
