@@ -5,8 +5,8 @@ with ``p`` the softmax over instances of the pre-softmax attention logits. Three
 
 - ``aem-mha``: the official default base ``mha`` (one learnable query, 8-head cross-attention);
 - ``aem-abmil``: the official ``abmil`` base (gated attention, no dropout);
-- ``aem``: the regulariser around any other registered model that exposes ``attention_logits``,
-  e.g. ``create("aem", 1024, 2, base="transmil", lamda=0.1)``.
+- ``aem``: the regulariser around another registered model with differentiable pre-softmax
+  ``attention_logits``, e.g. ``create("aem", 1024, 2, base="abmil", lamda=0.1)``.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ class AttentionEntropyMixin:
             raise MilkitError(
                 f"{self.model_name}: the base model returns no attention_logits",
                 hint="AEM regularises attention; wrap a model with instance attention "
-                "(e.g. abmil-gated, transmil)",
+                "(e.g. abmil-gated, abmil)",
             )
         if (
             self.training
