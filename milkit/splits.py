@@ -133,6 +133,15 @@ def make_cv_splits(
         train_cases = case_labels.loc[sorted(set(groups[train_idx]))]
         rng = np.random.default_rng((seed, k))
         val_cases = _choose_val_cases(train_cases, val_fraction, rng)
+        if val_cases:
+            in_val = {int(x) for x in train_cases.loc[sorted(val_cases)]}
+            missing = sorted({int(x) for x in train_cases} - in_val)
+            if missing:
+                warnings.warn(
+                    f"fold {k}: class(es) {missing} have fewer than two training cases, so the "
+                    "validation set lacks them (validation AUC may be undefined)",
+                    stacklevel=2,
+                )
         is_val = ~is_test & np.isin(groups, list(val_cases))
         is_train = ~is_test & ~is_val
         splits.append(

@@ -129,6 +129,9 @@ def test_bad_arguments() -> None:
         make_cv_splits(table, folds=2, val_fraction=1.0)
     with pytest.warns(UserWarning, match="fewer cases than folds"):
         make_cv_splits(table, folds=2)
+    rare = _table([(1, 0)] * 6 + [(1, 1)] * 2)  # 1 training case of class 1 per fold
+    with pytest.warns(UserWarning, match=r"class\(es\) \[1\] have fewer than two training"):
+        make_cv_splits(rare, folds=2, val_fraction=0.3)
 
 
 def test_fixed_split() -> None:
