@@ -367,3 +367,21 @@ def test_worker_augmentations_reproducible_and_fresh_per_epoch(tmp_path: Path) -
     first, again = epoch_draws(0, 2), epoch_draws(0, 2)
     assert first == again  # same torch seed -> same subsamples
     assert first[0] != first[1]  # a new epoch draws new subsamples
+
+
+def test_legacy_pt_bags(tmp_path: Path) -> None:
+    bags = tmp_path / "bags"
+    bags.mkdir()
+    feats = torch.randn(6, 8)
+    torch.save(feats, bags / "old.pt")
+    _bag(bags / "new.h5")
+    bad = feats.clone()
+    bad[0, 0] = float("inf")
+    torch.save(bad, bags / "bad.pt")
+    csv = _csv(tmp_path / "l.csv", ["old,a", "new,b"])
+    table = load_labels(csv, bags)
+    item = BagDataset.from_table(table)[0]
+    assert item["slide_id"] == "old" and item["coords"] is None
+    assert torch.equal(item["features"], feats)
+    with pytest.raises(MilkitError, match=r"NaN/inf features \(1\): bad"):
+        load_labels(_csv(tmp_path / "l2.csv", ["old,a", "bad,b"]), bags)
