@@ -92,9 +92,10 @@ class TransMIL(MILModel):
     Departures: per-bag pseudo-inverse scaling (reference: batch-wide; identical for B = 1);
     ``fc_dropout`` (default 0, as the official code) and ``init="xavier"`` exist for MHIM-MIL's
     TransMIL base (Dropout 0.25, Xavier-normal init).
-    ``training_preset``: official config ``TransMIL/Camelyon/TransMIL.yaml``: Lookahead(RAdam)
-    lr 2e-4, weight decay 1e-5, 200 epochs, batch 1 — approximated here by Adam (the trainer
-    has no Lookahead/RAdam), constant LR, early stopping on validation loss (patience 10).
+    ``training_preset``: official config ``Camelyon/TransMIL.yaml``: Lookahead(RAdam) lr 2e-4,
+    weight decay 1e-5, 200 epochs, batch 1, gradient accumulation 2, patience 10 (fp16 there) —
+    approximated here by Adam (the trainer has no Lookahead/RAdam), constant LR, early stopping
+    on validation loss.
     """
 
     permutation_invariant: ClassVar[bool] = False
@@ -107,6 +108,7 @@ class TransMIL(MILModel):
         "epochs": 200,  # TransMIL.yaml: General.epochs 200
         "scheduler": "none",
         "batch_size": 1,
+        "accumulate": 2,  # TransMIL.yaml: General.grad_acc 2
         "patience": 10,  # TransMIL.yaml: General.patience 10
         "monitor": "val_loss",
     }
