@@ -496,7 +496,8 @@ class BagDataset(_AugmentMixin, Dataset):
 
     Item: ``{"features": float32 (N, D), "coords": int64 (N, 2) | None, "label": int,
     "slide_id": str}``. Files are opened per item (safe with DataLoader workers, which must not
-    share HDF5 handles). ``cache=True`` keeps loaded bags in memory (per process).
+    share HDF5 handles). ``cache=True`` keeps loaded bags in memory (per process: with DataLoader
+    workers it pays off only with ``persistent_workers=True``; otherwise use ``num_workers=0``).
 
     Args:
         paths: bag files (``.h5``/``.hdf5`` or legacy ``.pt``).
