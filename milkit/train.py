@@ -529,7 +529,7 @@ class Trainer:
                 best_score, best_epoch, bad_epochs = score, epoch, 0
                 if self.dist.is_main and self.best_path is not None:
                     save_checkpoint(self.best_path, model, self.checkpoint_meta(epoch, score))
-                elif self.best_path is None:
+                else:  # no folder, or a non-main DDP rank: keep the best weights in memory
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 bad_epochs += 1
@@ -569,11 +569,11 @@ class Trainer:
             writer.close()
 
         # Leave the model holding the selected (best) weights.
-        if self.best_path is not None and self.best_path.exists():
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        elif self.best_path is not None and self.best_path.exists():
             state_dict, _ = read_checkpoint(self.best_path)
             model.load_state_dict(state_dict)
-        elif best_state is not None:
-            model.load_state_dict(best_state)
         model.eval()
         return FitResult(
             best_epoch=best_epoch,

@@ -2,29 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import numpy as np
 import torch
-
-
-def ensure_metrics_module() -> None:
-    """Until part A's ``milkit.metrics`` lands, register a minimal stand-in for the tests only."""
-    try:
-        import milkit.metrics  # noqa: F401
-    except ImportError:
-        from sklearn.metrics import accuracy_score, roc_auc_score
-
-        def classification_metrics(y_true, probs, class_names):
-            y = np.asarray(y_true)
-            p = np.asarray(probs)
-            auc = float(roc_auc_score(y, p[:, 1])) if len(np.unique(y)) > 1 else float("nan")
-            return {"auc": auc, "accuracy": float(accuracy_score(y, p.argmax(1))), "n": len(y)}
-
-        mod = types.ModuleType("milkit.metrics")
-        mod.classification_metrics = classification_metrics
-        sys.modules["milkit.metrics"] = mod
 
 
 def planted_bags(

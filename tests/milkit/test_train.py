@@ -27,13 +27,10 @@ from models.base import MILModel, MILOutput
 from tests.milkit._train_helpers import (
     SOFTMAX_INVARIANT,
     datasets,
-    ensure_metrics_module,
     max_abs_diff,
     small_abmil,
     state_equal,
 )
-
-ensure_metrics_module()
 
 
 def _cfg(**kw) -> TrainConfig:
