@@ -89,6 +89,7 @@ class _MHIM(MILModel):
         "batch_size": 1,
     }
     base_name: ClassVar[str] = ""
+    model_name: ClassVar[str] = "mhim"
 
     def _setup(
         self,
@@ -113,20 +114,24 @@ class _MHIM(MILModel):
         init_stu_type: str,
     ) -> None:
         if version not in ("v1", "v2"):
-            raise ValueError(f"{self.base_name}: version must be 'v1' or 'v2', got {version!r}")
+            raise ValueError(f"{self.model_name}: version must be 'v1' or 'v2', got {version!r}")
         if init_stu_type not in ("fc", "all", "none"):
             raise ValueError(
-                f"mhim: init_stu_type must be 'fc', 'all' or 'none', got {init_stu_type!r}"
+                f"{self.model_name}: init_stu_type must be 'fc', 'all' or 'none', got {init_stu_type!r}"
             )
         if not 0 < mask_ratio_hr <= 1:
-            raise ValueError(f"mhim: mask_ratio_hr (ρ) must be in (0, 1], got {mask_ratio_hr}")
+            raise ValueError(
+                f"{self.model_name}: mask_ratio_hr (ρ) must be in (0, 1], got {mask_ratio_hr}"
+            )
         for name, value in (("mask_ratio_h", mask_ratio_h), ("mask_ratio", mask_ratio)):
             if not 0 <= value <= 1:
-                raise ValueError(f"mhim: {name} must be in [0, 1], got {value}")
+                raise ValueError(f"{self.model_name}: {name} must be in [0, 1], got {value}")
         if not 0 <= mask_ratio_l <= 1:
-            raise ValueError(f"mhim: mask_ratio_l must be in [0, 1], got {mask_ratio_l}")
+            raise ValueError(
+                f"{self.model_name}: mask_ratio_l must be in [0, 1], got {mask_ratio_l}"
+            )
         if not 0 <= merge_ratio < 1:
-            raise ValueError(f"mhim: merge_ratio must be in [0, 1), got {merge_ratio}")
+            raise ValueError(f"{self.model_name}: merge_ratio must be in [0, 1), got {merge_ratio}")
         self.version = version
         self.student = student
         self.teacher = copy.deepcopy(student)
@@ -205,7 +210,7 @@ class _MHIM(MILModel):
     def forward(
         self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
     ) -> MILOutput:
-        mask = check_bag_input(x, mask, model=type(self).__name__)
+        mask = check_bag_input(x, mask, model=self.model_name)
         if not self.training:
             return self.student(x, mask)
         valid = (
@@ -300,6 +305,7 @@ class MHIMABMIL(_MHIM):
 
     permutation_invariant: ClassVar[bool] = True
     base_name: ClassVar[str] = "abmil-dattention"
+    model_name: ClassVar[str] = "mhim-abmil"
 
     def __init__(
         self,
@@ -394,6 +400,7 @@ class MHIMTransMIL(_MHIM):
 
     permutation_invariant: ClassVar[bool] = False
     base_name: ClassVar[str] = "transmil"
+    model_name: ClassVar[str] = "mhim-transmil"
 
     def __init__(
         self,
