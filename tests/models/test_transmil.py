@@ -136,3 +136,22 @@ def test_transmil_is_order_sensitive():
 def test_transmil_rejects_bad_config():
     with pytest.raises(ValueError, match="divisible"):
         models.create("transmil", 8, 2, dim=10, heads=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["abmil-gated", "transmil", "mhim-transmil"])
+def test_cuda_matches_cpu(name):
+    torch.manual_seed(0)
+    model = models.create(
+        name,
+        12,
+        3,
+        **({} if name == "abmil-gated" else {"dim": 16, "heads": 2, "num_landmarks": 8}),
+    ).eval()
+    x = torch.randn(2, 37, 12)
+    mask = torch.ones(2, 37, dtype=torch.bool)
+    mask[1, 20:] = False
+    ref = model(x, mask)
+    out = model.cuda()(x.cuda(), mask.cuda())
+    torch.testing.assert_close(out.logits.cpu(), ref.logits, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(out.attention.cpu(), ref.attention, atol=1e-4, rtol=1e-3)
