@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from models.base import MILModel, MILOutput, check_bag_input
@@ -18,6 +20,38 @@ def init_xavier_(module: nn.Module) -> None:
             nn.init.xavier_normal_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def state_dict_from_clam(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Map a CLAM ``CLAM_SB``/``MIL_Attention_fc``-style gated state-dict onto ``abmil-gated``.
+
+    CLAM keeps the tanh (V) and sigmoid (U) branches as separate Linears
+    (``attention_net.<i>.attention_a.0`` / ``attention_b.0``); ours are one fused Linear with
+    rows ``[V; U]`` (see ``models.layers.attention_pool``). CLAM's instance classifiers
+    (``instance_classifiers.*``) have no counterpart and are dropped. The attention output must
+    be single-branch (CLAM_SB; CLAM_MB's per-class branches are not ABMIL).
+    """
+    prefix = next(
+        (k[: -len("attention_a.0.weight")] for k in state if k.endswith("attention_a.0.weight")),
+        None,
+    )
+    if prefix is None:
+        raise KeyError("not a CLAM gated-attention state-dict: no '*attention_a.0.weight' key")
+    out = {
+        "fc.0.weight": state["attention_net.0.weight"],
+        "fc.0.bias": state["attention_net.0.bias"],
+        "pool.proj.weight": torch.cat(
+            [state[prefix + "attention_a.0.weight"], state[prefix + "attention_b.0.weight"]]
+        ),
+        "pool.proj.bias": torch.cat(
+            [state[prefix + "attention_a.0.bias"], state[prefix + "attention_b.0.bias"]]
+        ),
+        "pool.score.weight": state[prefix + "attention_c.weight"],
+        "pool.score.bias": state[prefix + "attention_c.bias"],
+    }
+    head = "classifiers" if "classifiers.weight" in state else "classifier"
+    out["head.weight"], out["head.bias"] = state[head + ".weight"], state[head + ".bias"]
+    return out
 
 
 @register_aggregator(

@@ -109,3 +109,43 @@ def test_padding_gives_zero_weight_and_same_result(n, pad, gated, seed):
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
     assert bool((out.attention[0, n:] == 0).all())
     torch.testing.assert_close(out.attention[:, :n], ref.attention)
+
+
+def test_clam_state_dict_maps_onto_fused_gated_pool():
+    # A CLAM_SB "small" state-dict written by hand (key names of CLAM's model_clam.py).
+    from models.abmil import state_dict_from_clam
+
+    torch.manual_seed(0)
+    clam = {
+        "attention_net.0.weight": torch.randn(6, 8),
+        "attention_net.0.bias": torch.randn(6),
+        "attention_net.3.attention_a.0.weight": torch.randn(4, 6),
+        "attention_net.3.attention_a.0.bias": torch.randn(4),
+        "attention_net.3.attention_b.0.weight": torch.randn(4, 6),
+        "attention_net.3.attention_b.0.bias": torch.randn(4),
+        "attention_net.3.attention_c.weight": torch.randn(1, 4),
+        "attention_net.3.attention_c.bias": torch.randn(1),
+        "classifiers.weight": torch.randn(2, 6),
+        "classifiers.bias": torch.randn(2),
+        "instance_classifiers.0.weight": torch.randn(2, 6),
+    }
+    model = models.create("abmil-gated", 8, 2, fc_dim=6, attn_dim=4).eval()
+    model.load_state_dict(state_dict_from_clam(clam))
+    x = torch.randn(1, 5, 8)
+    h = torch.relu(x[0] @ clam["attention_net.0.weight"].T + clam["attention_net.0.bias"])
+    a = torch.tanh(
+        h @ clam["attention_net.3.attention_a.0.weight"].T
+        + clam["attention_net.3.attention_a.0.bias"]
+    )
+    b = torch.sigmoid(
+        h @ clam["attention_net.3.attention_b.0.weight"].T
+        + clam["attention_net.3.attention_b.0.bias"]
+    )
+    e = (a * b) @ clam["attention_net.3.attention_c.weight"].T + clam[
+        "attention_net.3.attention_c.bias"
+    ]
+    z = torch.softmax(e[:, 0], 0) @ h
+    expected = z @ clam["classifiers.weight"].T + clam["classifiers.bias"]
+    torch.testing.assert_close(model(x).logits[0], expected)
+    with pytest.raises(KeyError, match="not a CLAM"):
+        state_dict_from_clam({"fc.weight": torch.zeros(1)})
