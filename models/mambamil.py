@@ -1,0 +1,170 @@
+"""MambaMIL: state-space (Mamba) sequence modelling of the tile sequence + ABMIL pooling."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from models.base import MILModel, MILOutput, check_bag_input
+from models.layers.attention_pool import AttentionPool
+from models.layers.mamba_block import BiMamba, Mamba, SRMamba
+from models.layers.ragged import apply_per_bag
+from models.registry import register_aggregator
+
+_MIXERS: dict[str, type[Mamba]] = {"srmamba": SRMamba, "mamba": Mamba, "bimamba": BiMamba}
+_ACTS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+@register_aggregator(
+    "mambamil", description="MambaMIL with SR-Mamba mixers (MICCAI 2024)", mixer="srmamba"
+)
+@register_aggregator(
+    "mambamil-mamba", description="MambaMIL with unidirectional Mamba mixers", mixer="mamba"
+)
+@register_aggregator(
+    "mambamil-bimamba", description="MambaMIL with bidirectional Mamba mixers", mixer="bimamba"
+)
+class MambaMIL(MILModel):
+    """MambaMIL (Yang, Wang, Chen, "MambaMIL: Enhancing Long Sequence Modeling with Sequence
+    Reordering in Computational Pathology", MICCAI 2024, arXiv 2403.06800; official code
+    github.com/isyangshu/MambaMIL, ``models/MambaMIL.py``).
+
+    Equations (one bag, instances in raster file order)::
+
+        h⁰ = GELU(W_in x)                                        (B, N, 512)
+        hˡ = hˡ⁻¹ + Mixer_l(LN_l(hˡ⁻¹)),  l = 1..layers            Mixer ∈ {SR-Mamba, Mamba, BiMamba}
+        H  = LN(h^layers);  e_i = w^T tanh(V H_i) + c;  a = softmax(e)   (ABMIL, with biases)
+        z  = Σ_i a_i H_i;   logits = W_cls z
+
+    The mixers (``models.layers.mamba_block``) keep mamba-ssm's parameter names; the scan runs on
+    mamba-ssm's CUDA kernels when importable, else on our chunked pure-PyTorch scan that equals
+    the sequential reference (``models.layers.selective_scan``).
+
+    Departures from the official code, all deliberate:
+
+    - attention: the official forward returns ``A = None``; we return the ABMIL weights.
+    - padded batches: the official code assumes one bag per batch. Padding would flow through
+      the recurrence, so with a mask each bag is run at its own length (bags of equal length are
+      grouped into one call); a padded batch equals its bags run one by one.
+    - the official SRMamba slow path (no CUDA kernel) is broken (issue #7); our PyTorch path
+      implements the kernel path's math.
+
+    Initialisation: the official model calls ``initialize_weights`` on every module AFTER the
+    mixers are built, which re-initialises every ``nn.Linear`` - including the mixers' in/x/dt/out
+    projections - to Xavier-normal with zero bias, so ``dt_proj.bias`` ends at 0 (Δ₀ = softplus(0)
+    ≈ 0.69), not mamba-ssm's inverse-softplus init. ``init="official"`` (default) reproduces that;
+    ``init="mamba-ssm"`` keeps mamba-ssm's mixer initialisation (Xavier only outside the mixers).
+
+    Official settings: 2 layers, rate 5 (training scripts; argparse default 10), drop_out 0, GELU,
+    Adam lr 2e-4, weight decay 1e-5, ≤ 200 epochs with early stopping on validation loss
+    (patience 20, from epoch 50), batch 1; R50 (1024-d) or PLIP (512-d) features.
+
+    Args:
+        mixer: ``"srmamba"`` (``mambamil``), ``"mamba"`` or ``"bimamba"``.
+        layers: number of residual mixer layers (2, official scripts).
+        rate: SR-Mamba reordering rate R (5, official training scripts).
+        dim: model width (512, hard-coded in the official model).
+        dropout: dropout after the input projection (0, official scripts).
+        act: input projection activation (``"gelu"``, official scripts).
+        d_state, d_conv, expand: Mamba sizes (16, 4, 2; official model).
+        attn_dim: ABMIL hidden size (128, official model).
+        init: ``"official"`` or ``"mamba-ssm"`` (see above).
+        backend: selective-scan backend (``"auto"``, ``"cuda"``, ``"torch"``, ``"ref"``).
+    """
+
+    permutation_invariant = False
+    mil_respecting = False
+    supports_padding = True
+    training_preset: ClassVar[dict[str, Any]] = {
+        "optimizer": "adam",
+        "lr": 2e-4,
+        "weight_decay": 1e-5,
+        "epochs": 200,
+        "batch_size": 1,
+    }
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        *,
+        mixer: str = "srmamba",
+        layers: int = 2,
+        rate: int = 5,
+        dim: int = 512,
+        dropout: float = 0.0,
+        act: str = "gelu",
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        attn_dim: int = 128,
+        init: str = "official",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if mixer not in _MIXERS:
+            raise ValueError(f"MambaMIL: mixer must be one of {sorted(_MIXERS)}, got {mixer!r}")
+        if act not in _ACTS:
+            raise ValueError(f"MambaMIL: act must be one of {sorted(_ACTS)}, got {act!r}")
+        if init not in ("official", "mamba-ssm"):
+            raise ValueError(f"MambaMIL: init must be 'official' or 'mamba-ssm', got {init!r}")
+        if layers < 1:
+            raise ValueError(f"MambaMIL: layers must be >= 1, got {layers!r}")
+        self.in_dim, self.num_classes, self.embed_dim = in_dim, num_classes, dim
+        self.mixer_name = mixer
+        fc: list[nn.Module] = [nn.Linear(in_dim, dim), _ACTS[act]()]
+        if dropout > 0:
+            fc.append(nn.Dropout(dropout))
+        self.fc = nn.Sequential(*fc)
+        extra = {"rate": rate} if mixer == "srmamba" else {}
+        mixer_cls = _MIXERS[mixer]
+        self.layers = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(dim),
+                mixer_cls(
+                    dim, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend, **extra
+                ),
+            )
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.pool = AttentionPool(dim, attn_dim, gated=False, bias=True, act="tanh")
+        self.head = nn.Linear(dim, num_classes)
+        skip = () if init == "official" else tuple(layer[1] for layer in self.layers)
+        _xavier_init(self, skip)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Instance embeddings of unpadded bags of one length: (b, n, D_in) -> (b, n, dim)."""
+        h = self.fc(x)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.norm(h)
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
+    ) -> MILOutput:
+        mask = check_bag_input(x, mask, model="mambamil")
+        h = apply_per_bag(self.encode, x.float(), mask)
+        pooled = self.pool(h, mask)
+        return MILOutput(
+            logits=self.head(pooled.embedding),
+            embedding=pooled.embedding,
+            attention=pooled.attention,
+            attention_logits=pooled.logits,
+        )
+
+
+def _xavier_init(model: nn.Module, skip: tuple[nn.Module, ...]) -> None:
+    """Official ``initialize_weights``: Xavier-normal Linear weights, zero biases, LN = (1, 0)."""
+    skipped = {id(m) for s in skip for m in s.modules()}
+    for m in model.modules():
+        if id(m) in skipped:
+            continue
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,112 @@
+"""MambaMIL and its mixers: SR reordering, mamba-ssm parameter names/init, per-bag padding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import models
+from models.layers.mamba_block import BiMamba, Mamba, SRMamba, sr_order, sr_unorder
+
+SMALL = {"dim": 16, "d_state": 4, "expand": 2, "attn_dim": 8}
+
+
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(1, 60), rate=st.integers(1, 12))
+def test_sr_order_is_columnwise_and_invertible(length, rate):
+    x = torch.arange(length, dtype=torch.float64).view(1, 1, length) + 1  # 0 marks padding
+    ordered = sr_order(x, rate)
+    rows = math.ceil(length / rate)
+    expected = [r * rate + c + 1 for c in range(rate) for r in range(rows)]
+    expected = [v if v <= length else 0 for v in expected]
+    assert ordered.flatten().tolist() == expected
+    torch.testing.assert_close(sr_unorder(ordered, rate, length), x, rtol=0, atol=0)
+
+
+def test_parameter_names_and_mamba_ssm_init():
+    torch.manual_seed(0)
+    mixer = SRMamba(16, d_state=4, rate=3)
+    names = set(dict(mixer.named_parameters()))
+    official = {"in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight"}
+    official |= {"dt_proj.weight", "dt_proj.bias", "A_log", "D", "out_proj.weight"}
+    second = {"conv1d_b.weight", "conv1d_b.bias", "x_proj_b.weight", "dt_proj_b.weight"}
+    second |= {"dt_proj_b.bias", "A_b_log", "D_b"}
+    assert names == official | second
+    assert "conv1d_b.weight" not in dict(Mamba(16, d_state=4).named_parameters())
+    assert mixer.dt_rank == 1 and mixer.d_inner == 32  # ⌈16/16⌉, expand 2
+    torch.testing.assert_close(mixer.A_log.exp(), torch.arange(1.0, 5.0).repeat(32, 1))
+    torch.testing.assert_close(mixer.D_b, torch.ones(32))
+    dt = torch.nn.functional.softplus(mixer.dt_proj.bias)
+    assert bool((dt >= 1e-3 - 1e-7).all() and (dt <= 0.1 + 1e-7).all())
+    bound = mixer.dt_rank**-0.5
+    assert mixer.dt_proj.weight.abs().max() <= bound
+
+
+def test_official_init_resets_mixer_linears_and_mamba_ssm_init_keeps_them():
+    torch.manual_seed(0)
+    official = models.create("mambamil", 8, 2, **SMALL)
+    kept = models.create("mambamil", 8, 2, init="mamba-ssm", **SMALL)
+    assert torch.count_nonzero(official.layers[0][1].dt_proj.bias) == 0  # official quirk
+    dt = torch.nn.functional.softplus(kept.layers[0][1].dt_proj_b.bias)
+    assert bool((dt <= 0.1 + 1e-7).all())
+    with pytest.raises(ValueError, match="init must be"):
+        models.create("mambamil", 8, 2, init="kaiming")
+    with pytest.raises(ValueError, match="mixer must be one of"):
+        models.create("mambamil", 8, 2, mixer="s4")
+
+
+@pytest.mark.parametrize("cls", [Mamba, BiMamba, SRMamba])
+def test_mixer_pytorch_scan_equals_sequential_reference(cls):
+    torch.manual_seed(1)
+    mixer = cls(16, d_state=4).double()
+    x = torch.randn(2, 23, 16, dtype=torch.float64)
+    fast = mixer(x)
+    mixer.backend = "ref"
+    torch.testing.assert_close(fast, mixer(x), rtol=1e-10, atol=1e-10)
+
+
+def test_mamba_is_causal_and_srmamba_is_not():
+    torch.manual_seed(2)
+    x = torch.randn(1, 20, 16)
+    x2 = x.clone()
+    x2[0, 12] += 1.0
+    uni, sr = Mamba(16, d_state=4), SRMamba(16, d_state=4, rate=4)
+    with torch.no_grad():
+        torch.testing.assert_close(uni(x)[0, :12], uni(x2)[0, :12], rtol=0, atol=0)
+        assert not torch.allclose(sr(x)[0, :12], sr(x2)[0, :12])
+
+
+@pytest.mark.parametrize("name", ["mambamil", "mambamil-mamba", "mambamil-bimamba"])
+def test_interleaved_padding_equals_per_bag_and_attention(name):
+    torch.manual_seed(3)
+    model = models.create(name, 8, 3, **SMALL).eval()
+    x = torch.randn(3, 12, 8)
+    mask = torch.rand(3, 12) > 0.4
+    mask[:, 0] = True
+    with torch.no_grad():
+        out = model(x, mask)
+        for i in range(3):
+            ref = model(x[i : i + 1, mask[i]])
+            torch.testing.assert_close(out.logits[i], ref.logits[0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out.attention[i, mask[i]], ref.attention[0])
+    assert bool((out.attention[~mask] == 0).all())
+    torch.testing.assert_close(out.attention.sum(-1), torch.ones(3))
+
+
+def test_training_step_runs_on_long_bag_with_chunked_scan(monkeypatch):
+    """A bag longer than one scan block trains (recomputing blocks in backward)."""
+    from models.layers import selective_scan
+
+    monkeypatch.setattr(selective_scan, "_MAX_BLOCK", 256)  # force several checkpointed blocks
+    torch.manual_seed(4)
+    model = models.create("mambamil", 8, 2, **SMALL)
+    x = torch.randn(1, 1500, 8)
+    out = model(x)
+    loss = torch.nn.functional.cross_entropy(out.logits, torch.tensor([1]))
+    loss.backward()
+    grad = model.layers[0][1].A_b_log.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
