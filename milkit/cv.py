@@ -291,3 +291,46 @@ def format_summary(summary: Mapping[str, Mapping[str, float]]) -> str:
             else:
                 lines.append(f"{key:<18} n/a")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- reading a run
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """``run.json`` of a run folder, with a clear error when the folder is not a run."""
+    run_dir = Path(run_dir)
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        raise MilkitError(
+            "not a milkit run folder (no run.json)",
+            path=run_dir,
+            hint="Pass the --out folder of `milkit train`",
+        )
+    try:
+        return json.loads(run_file.read_text())
+    except json.JSONDecodeError as err:
+        raise MilkitError(f"run.json is not valid JSON ({err})", path=run_file) from None
+
+
+def fold_dirs(run_dir: str | Path) -> list[Path]:
+    """The ``fold_<k>`` folders of a run, by fold number."""
+    found = [p for p in Path(run_dir).glob("fold_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def fold_checkpoints(run_dir: str | Path, fold: str | int = "all") -> list[Path]:
+    """``best.pt`` of one fold (``fold=k``) or of every fold (``"all"``, for an ensemble)."""
+    run_dir = Path(run_dir)
+    available = [d for d in fold_dirs(run_dir) if (d / "best.pt").is_file()]
+    if not available:
+        raise MilkitError(
+            "run has no trained fold (no fold_<k>/best.pt)",
+            path=run_dir,
+            hint="Finish training first: milkit train ... --resume",
+        )
+    if str(fold).lower() == "all":
+        return [d / "best.pt" for d in available]
+    wanted = run_dir / f"fold_{fold}" / "best.pt"
+    if not wanted.is_file():
+        names = [d.name[5:] for d in available]
+        raise MilkitError("no such fold in the run", value=fold, path=run_dir,
+                          hint=f"Available folds: {', '.join(names)} (or 'all')")  # fmt: skip
+    return [wanted]

@@ -1,0 +1,185 @@
+"""``milkit train``: cross-validate an aggregator on a bags folder + labels CSV."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from pathlib import Path
+from typing import Any
+
+EXAMPLE = """example:
+  milkit train --bags bags/ --labels labels.csv --model abmil --folds 5 --out runs/abmil
+  milkit train --bags bags/ --labels labels.csv --model transmil --preset official \\
+               --out runs/transmil --model-arg dropout=0.1 --balanced
+  milkit train ... --out runs/abmil --resume            # continue a killed run
+  torchrun --nproc-per-node 4 -m milkit train ...        # data-parallel (DDP)
+
+labels.csv: slide_id,label[,case_id][,split]. Bags are found as BAGS/<slide_id>.h5. Folds are
+stratified and grouped by case_id; a 'split' column (train/val/test) gives one fixed split
+instead. Writes RUN/run.json, splits.csv, fold_<k>/{best.pt,last.pt,log.csv,predictions.csv,
+metrics.json,roc.png}, summary.json and summary.csv (mean ± std over folds).
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train and cross-validate an aggregator on bags",
+        description="Cross-validate a MIL aggregator (leak-free: early stopping on an inner "
+        "validation split, the test fold is only predicted).",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--bags", required=True, type=Path, help="folder of <slide_id>.h5 bags")
+    data.add_argument("--labels", required=True, type=Path, help="labels CSV")
+    data.add_argument("--label-column", default="label", help="label column (default label)")
+    data.add_argument("--out", required=True, type=Path, help="run folder to write")
+    data.add_argument("--folds", type=int, help="k of k-fold CV (default 5, or the split column)")
+    data.add_argument("--val-fraction", type=float, default=0.15,
+                      help="inner-validation share of each training part (default 0.15)")  # fmt: skip
+    data.add_argument("--splits", type=Path, help="reuse a split file (slide_id,fold,split)")
+    data.add_argument("--no-finite-check", action="store_true",
+                      help="skip the NaN/inf scan of every bag")  # fmt: skip
+    model = p.add_argument_group("model")
+    model.add_argument("--model", required=True, help="registered aggregator (milkit models)")
+    model.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="constructor override, repeatable (e.g. dropout=0.1)")  # fmt: skip
+    opt = p.add_argument_group("training")
+    opt.add_argument("--preset", default="default", choices=("default", "official"),
+                     help="default: milkit's recipe; official: the paper code's recipe")  # fmt: skip
+    opt.add_argument("--epochs", type=int)
+    opt.add_argument("--lr", type=float)
+    opt.add_argument("--weight-decay", type=float)
+    opt.add_argument("--optimizer", choices=("adam", "adamw"))
+    opt.add_argument("--scheduler", choices=("cosine", "none"))
+    opt.add_argument("--warmup-epochs", type=float)
+    opt.add_argument("--batch-size", type=int, help="bags per step (padded with a mask)")
+    opt.add_argument("--accumulate", type=int, help="gradient accumulation steps")
+    opt.add_argument("--balanced", action="store_true", help="class-balanced sampling")
+    opt.add_argument("--class-weights", action="store_true", help="class-weighted loss")
+    opt.add_argument("--patience", type=int, help="early-stopping patience (epochs)")
+    opt.add_argument("--min-epochs", type=int, help="never stop before this epoch")
+    opt.add_argument("--monitor", choices=("val_auc", "val_loss"))
+    opt.add_argument("--grad-clip", type=float)
+    opt.add_argument("--max-instances", type=int, help="subsample bags to N instances (train)")
+    opt.add_argument("--feature-dropout", type=float)
+    opt.add_argument("--cache", action="store_true", help="keep bags in memory")
+    opt.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    opt.add_argument("--seed", type=int)
+    opt.add_argument("--device", help="auto, cpu, cuda, cuda:1 (default auto)")
+    opt.add_argument("--workers", type=int, help="DataLoader workers (default 0)")
+    run = p.add_argument_group("run")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out")
+    run.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for AUC CI")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run_command)
+
+
+def parse_model_args(items: list[str]) -> dict[str, Any]:
+    """``key=value`` strings → kwargs; values are Python literals when they parse as one."""
+    from milkit.errors import MilkitError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise MilkitError("--model-arg must look like key=value", value=item)
+        lowered = raw.strip().lower()
+        if lowered in ("true", "false"):
+            value: Any = lowered == "true"
+        elif lowered in ("none", "null"):
+            value = None
+        else:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
+        out[key] = value
+    return out
+
+
+def config_from_args(args: argparse.Namespace):
+    """The ``TrainConfig`` equal to the parsed command line (preset + explicit options)."""
+    from milkit.train import TrainConfig
+
+    overrides = {
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "optimizer": args.optimizer,
+        "scheduler": args.scheduler,
+        "warmup_epochs": args.warmup_epochs,
+        "batch_size": args.batch_size,
+        "accumulate": args.accumulate,
+        "sampling": "balanced" if args.balanced else None,
+        "class_weights": True if args.class_weights else None,
+        "patience": args.patience,
+        "min_epochs": args.min_epochs,
+        "monitor": args.monitor,
+        "grad_clip": args.grad_clip,
+        "max_instances": args.max_instances,
+        "feature_dropout": args.feature_dropout,
+        "cache": True if args.cache else None,
+        "amp": False if args.no_amp else None,
+        "seed": args.seed,
+        "device": args.device,
+        "num_workers": args.workers,
+        "progress": False if args.no_progress else None,
+    }
+    return TrainConfig.for_model(args.model, preset=args.preset, **overrides)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from milkit.cv import build_model, cross_validate, format_summary
+    from milkit.data import load_labels
+    from milkit.distributed import cleanup_distributed, env_world_size
+    from milkit.splits import load_splits, make_cv_splits
+
+    model_kwargs = parse_model_args(args.model_arg)
+    config = config_from_args(args)
+    table = load_labels(args.labels, args.bags, label_column=args.label_column,
+                        check_finite=not args.no_finite_check)  # fmt: skip
+    build_model(args.model, table.in_dim, len(table.class_names), model_kwargs)  # typo check
+    splits = None
+    if args.splits is not None:
+        splits = load_splits(args.splits)
+    elif (args.folds is not None or not table.has_split) and not (
+        args.resume and (args.out / "splits.csv").exists()
+    ):
+        splits = make_cv_splits(table, folds=args.folds or 5, val_fraction=args.val_fraction,
+                                seed=config.seed)  # fmt: skip
+    main = int(__import__("os").environ.get("RANK", "0")) == 0
+    if main:
+        print(
+            f"milkit train: {args.model} on {len(table)} slides, classes {table.class_names}, "
+            f"in_dim {table.in_dim}, world size {env_world_size()} -> {args.out}",
+            file=sys.stderr,
+        )
+    try:
+        result = cross_validate(
+            table,
+            args.model,
+            config,
+            args.out,
+            folds=args.folds or 5,
+            model_kwargs=model_kwargs,
+            splits=splits,
+            resume=args.resume,
+            val_fraction=args.val_fraction,
+            bootstrap=args.bootstrap,
+            run_info={"labels_csv": str(args.labels), "bags_dir": str(args.bags)},
+        )
+    finally:
+        cleanup_distributed()
+    if main:
+        for m in result.folds:
+            auc = m.get("auc", float("nan"))
+            print(f"fold {m.get('fold')}: auc {auc:.3f} acc {m.get('accuracy', float('nan')):.3f}"
+                  f" (best epoch {m.get('best_epoch')}, n={m.get('n')})")  # fmt: skip
+        if result.summary:
+            print(format_summary(result.summary))
+        print(f"run folder: {args.out}")
+    return 0
