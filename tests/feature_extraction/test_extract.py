@@ -1,0 +1,401 @@
+"""The extraction pipeline on real slide files: batches that never stop, resume, shards, locks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from feature_extraction.extract import (
+    ExtractConfig,
+    acquire_lock,
+    discover_slides,
+    effective_shard,
+    parse_shard,
+    preprocess,
+    read_manifest,
+    select_shard,
+)
+from milkit.bags import is_complete_bag, read_bag, write_bag
+from milkit.errors import MilkitError
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = [
+    "CMU-1-Small-Region.svs",
+    "broken.svs",
+    "synthetic/small.svs",
+    "synthetic/unreadable.svs",
+    "synthetic/unopenable.tiff",
+    "synthetic/boxes.tiff",
+    "synthetic/boxes_0.dcm",
+]
+FAST = dict(encoder="fast", num_workers=0, progress=False)
+TRIDENT_ATTRS = (
+    "patch_size",
+    "patch_size_level0",
+    "level0_magnification",
+    "target_magnification",
+    "overlap",
+    "name",
+    "level0_width",
+    "level0_height",
+)
+CLAM_ATTRS = ("patch_level", "downsample", "level_dim", "downsampled_level_dim")
+OUR_ATTRS = ("mpp_level0", "target_mpp", "custom_downsample", "coords_frame")
+
+
+@pytest.fixture(scope="module")
+def fixture_run(slides_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bags")
+    summary = preprocess([slides_dir / f for f in FIXTURES], out, ExtractConfig(**FAST))
+    return summary, out
+
+
+def test_batch_over_fixtures_never_stops(fixture_run):
+    summary, out = fixture_run
+    status = {r.slide_id: r for r in summary.results}
+    assert {k: r.status for k, r in status.items()} == {
+        "CMU-1-Small-Region": "ok",
+        "broken": "failed",
+        "small": "ok",
+        "unreadable": "failed",
+        "unopenable": "failed",
+        "boxes": "failed",
+        "boxes_0": "ok",
+    }
+    assert summary.exit_code == 1
+    assert "cannot open slide" in status["broken"].error
+    assert "cannot open slide" in status["unopenable"].error
+    assert "tissue segmentation could not read" in status["unreadable"].error
+    assert "absurd resolution" in status["boxes"].error and "--mpp" in status["boxes"].error
+    text = summary.format()
+    assert "3 ok" in text and "4 failed" in text and "FAILED broken" in text
+    manifest = read_manifest(out)
+    assert set(manifest) == set(status)
+    assert manifest["broken"]["status"] == "failed" and manifest["broken"]["error"]
+    assert not any(out.glob("*.lock")) and not any(out.glob("*.partial"))
+    assert sorted(p.name for p in out.glob("*.h5")) == [
+        "CMU-1-Small-Region.h5",
+        "boxes_0.h5",
+        "small.h5",
+    ]
+    assert (out / "qc" / "CMU-1-Small-Region.png").stat().st_size > 1000
+
+
+def test_cmu_bag_contents(fixture_run, slides_dir):
+    _, out = fixture_run
+    bag = read_bag(out / "CMU-1-Small-Region.h5")
+    n = bag.num_instances
+    # 2220 x 2967 px at 0.499 µm/px, 256-px tiles: 8 x 11 = 88 grid positions, ~35 % tissue.
+    assert 15 <= n <= 70
+    assert bag.features.shape == (n, 218) and bag.features.dtype == np.float32
+    assert np.isfinite(bag.features).all()
+    c = bag.coords
+    assert (c >= 0).all() and (c[:, 0] + 256 <= 2220).all() and (c[:, 1] + 256 <= 2967).all()
+    assert (c % 256 == 0).all()  # native 0.499 µm/px read 1:1, no overlap
+    order = np.lexsort((c[:, 0], c[:, 1]))
+    assert np.array_equal(order, np.arange(n))  # raster order
+    for key in TRIDENT_ATTRS + CLAM_ATTRS + OUR_ATTRS:
+        assert key in bag.coords_attrs, key
+    assert bag.coords_attrs["patch_size"] == 256 and bag.coords_attrs["patch_level"] == 0
+    assert bag.features_attrs["encoder"] == "fast" and bag.features_attrs["embed_dim"] == 218
+    root = bag.root_attrs
+    assert root["slide_id"] == "CMU-1-Small-Region"
+    assert root["slide_sha256"].startswith("ed92d5a9f2e86df6")  # README checksum
+    assert json.loads(root["tissue_params"])["seg_mpp"] > 0
+    assert root["n_bad_tiles"] == 0 and root["milkit_format"] >= 1
+
+
+def test_empty_slides_get_valid_zero_row_bags(fixture_run):
+    _, out = fixture_run
+    for sid in ("small", "boxes_0"):
+        bag = read_bag(out / f"{sid}.h5")
+        assert bag.features.shape == (0, 218) and bag.coords.shape == (0, 2)
+        assert is_complete_bag(out / f"{sid}.h5")
+
+
+def test_bag_reads_like_clam_and_trident(fixture_run):
+    """CLAM (dataset_generic.py) and TRIDENT index datasets by name with plain h5py."""
+    _, out = fixture_run
+    with h5py.File(out / "CMU-1-Small-Region.h5", "r") as f:
+        features = f["features"][:]
+        coords = f["coords"][:]
+        assert features.dtype == np.float32 and coords.dtype == np.int64
+        assert coords.shape == (features.shape[0], 2)
+        attrs = f["coords"].attrs
+        # TRIDENT "native" coords need these three; its slide encoders need patch_size_level0.
+        assert int(attrs["patch_size"]) == 256 and float(attrs["target_magnification"]) > 0
+        assert float(attrs["level0_magnification"]) == 20.0
+        assert int(attrs["patch_size_level0"]) == 256
+        # CLAM's extract_features_fp reads patch_level + patch_size.
+        assert int(attrs["patch_level"]) == 0
+
+
+def test_rerun_skips_complete_bags_and_mpp_csv_rescues(fixture_run, slides_dir, tmp_path):
+    _, out = fixture_run
+    before = (out / "CMU-1-Small-Region.h5").stat().st_mtime_ns
+    csv = tmp_path / "mpp.csv"
+    csv.write_text("slide_id,mpp\nboxes,0.5\n")
+    slides = [slides_dir / "CMU-1-Small-Region.svs", slides_dir / "synthetic/boxes.tiff"]
+    summary = preprocess(slides, out, ExtractConfig(**FAST, mpp_csv=csv))
+    status = {r.slide_id: r.status for r in summary.results}
+    assert status == {"CMU-1-Small-Region": "skipped", "boxes": "ok"}
+    assert (out / "CMU-1-Small-Region.h5").stat().st_mtime_ns == before
+    assert read_manifest(out)["boxes"]["status"] == "ok"
+    assert read_bag(out / "boxes.h5").coords_attrs["mpp_level0"] == 0.5
+
+
+def test_existing_bag_from_another_encoder_is_not_mixed_in(slides_dir, tmp_path):
+    write_bag(
+        tmp_path / "small.h5",
+        np.zeros((0, 1024), np.float32),
+        np.zeros((0, 2), np.int64),
+        features_attrs={"encoder": "uni"},
+    )
+    summary = preprocess([slides_dir / "synthetic/small.svs"], tmp_path, ExtractConfig(**FAST))
+    (result,) = summary.results
+    assert result.status == "failed" and "made with encoder 'uni'" in result.error
+    assert "--overwrite" in result.error
+    summary = preprocess(
+        [slides_dir / "synthetic/small.svs"], tmp_path, ExtractConfig(**FAST, overwrite=True)
+    )
+    assert summary.results[0].status == "ok" and summary.exit_code == 0
+    assert read_bag(tmp_path / "small.h5").dim == 218
+
+
+def test_discovery(slides_dir, tmp_path):
+    found = discover_slides([slides_dir])
+    names = sorted(p.name for p in found)
+    assert "CMU-1-Small-Region.svs" in names and "boxes.tiff" in names
+    assert "synthetic" in names  # the DICOM series folder counts once
+    assert not any(n.endswith(".dcm") for n in names)
+    assert "README.md" not in names
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(MilkitError, match="no slides found"):
+        discover_slides([tmp_path])
+    with pytest.raises(MilkitError, match="slide path not found"):
+        discover_slides([tmp_path / "missing.svs"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    names=st.lists(st.text("abcxyz0123", min_size=1, max_size=6), min_size=0, max_size=30),
+    n=st.integers(1, 7),
+    world=st.integers(1, 3),
+)
+def test_shards_partition_slides(names, n, world):
+    slides = [Path(f"/data/{s}.svs") for s in dict.fromkeys(names)]
+    seen: list[Path] = []
+    for i in range(1, n + 1):
+        for rank in range(world):
+            index, count = effective_shard((i, n), {"RANK": str(rank), "WORLD_SIZE": str(world)})
+            seen += select_shard(list(reversed(slides)), index, count)
+    assert sorted(seen) == sorted(slides)  # each slide exactly once, whatever the input order
+
+
+def test_parse_shard():
+    assert parse_shard("2/4") == (2, 4)
+    for bad in ("0/4", "5/4", "x", "1/0"):
+        with pytest.raises(MilkitError, match="shard"):
+            parse_shard(bad)
+
+
+def test_shard_runs_cover_each_slide_once(slides_dir, tmp_path):
+    slides = [
+        slides_dir / "synthetic/small.svs",
+        slides_dir / "synthetic/boxes_0.dcm",
+        slides_dir / "broken.svs",
+    ]
+    done: list[str] = []
+    for i in (1, 2):
+        summary = preprocess(slides, tmp_path, ExtractConfig(**FAST, shard=(i, 2)))
+        done += [r.slide_id for r in summary.results]
+    assert sorted(done) == ["boxes_0", "broken", "small"]
+    assert set(read_manifest(tmp_path)) == {"boxes_0", "broken", "small"}
+
+
+def test_live_lock_skips_and_dead_lock_is_cleared(slides_dir, tmp_path):
+    small = slides_dir / "synthetic/small.svs"
+    lock = tmp_path / "small.h5.lock"
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        lock.write_text(json.dumps({"pid": helper.pid, "host": os.uname().nodename, "time": 0}))
+        summary = preprocess([small], tmp_path, ExtractConfig(**FAST))
+        assert summary.skipped_locked == ["small"] and summary.results == []
+        assert not (tmp_path / "small.h5").exists() and lock.exists()
+        assert not acquire_lock(lock)
+    finally:
+        helper.kill()
+        helper.wait()
+    summary = preprocess([small], tmp_path, ExtractConfig(**FAST))  # holder is dead now
+    assert [r.status for r in summary.results] == ["ok"] and not lock.exists()
+
+
+def _corrupt_tile(path: Path, tile_index: int) -> None:
+    """Overwrite the JPEG bytes of one level-0 tile (TIFF tile offsets from tifffile)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        offset = page.dataoffsets[tile_index]
+        count = page.databytecounts[tile_index]
+    with path.open("r+b") as fh:
+        fh.seek(offset + 2)  # keep SOI, destroy the segments after it
+        fh.write(b"\x11" * (count - 2))
+
+
+@pytest.fixture(scope="module")
+def synthetic_slides(tmp_path_factory):
+    from feature_extraction.synthetic import make_synthetic_slide
+
+    d = tmp_path_factory.mktemp("synth")
+    out = {}
+    for name, seed, regions, size in (("tumour_a", 3, 2, 3072), ("normal_b", 4, 0, 2048)):
+        out[name] = make_synthetic_slide(
+            d / f"{name}.svs",
+            size,
+            size,
+            mpp=0.5,
+            seed=seed,
+            tissue_fraction=0.6,
+            tumour_regions=regions,
+            tumour_fraction=0.4 if regions else 0.0,
+        )
+    return out
+
+
+def test_corrupt_tiles_are_counted_and_dropped(synthetic_slides, tmp_path):
+    import shutil
+
+    src = synthetic_slides["normal_b"].path
+    clean_out, bad_out = tmp_path / "clean", tmp_path / "bad"
+    broken = tmp_path / "slides" / src.name
+    broken.parent.mkdir()
+    shutil.copy(src, broken)
+    _corrupt_tile(broken, 2 * 8 + 3)  # tile (x=3, y=2) of the 8 x 8 level-0 grid
+    cfg = ExtractConfig(**FAST, min_tissue=0.0)
+    preprocess([src], clean_out, cfg)
+    summary = preprocess([broken], bad_out, cfg)
+    (result,) = summary.results
+    clean = read_bag(clean_out / "normal_b.h5")
+    bad = read_bag(bad_out / "normal_b.h5")
+    assert result.status == "ok" and result.n_bad_tiles >= 1
+    assert bad.num_instances == clean.num_instances - result.n_bad_tiles
+    dropped = {tuple(c) for c in clean.coords.tolist()} - {tuple(c) for c in bad.coords.tolist()}
+    assert (768, 512) in dropped
+    assert json.loads(bad.root_attrs["bad_tile_coords"]) == sorted(map(list, dropped))
+    keep = np.array([tuple(c) not in dropped for c in clean.coords.tolist()])
+    np.testing.assert_array_equal(bad.features, clean.features[keep])
+    assert "unreadable tile" in summary.format()
+
+
+def test_fast_features_separate_tumour_tiles(synthetic_slides, tmp_path):
+    from feature_extraction.synthetic import tumour_fraction_of_tiles
+
+    slide = synthetic_slides["tumour_a"]
+    preprocess([slide.path], tmp_path, ExtractConfig(**FAST))
+    bag = read_bag(tmp_path / "tumour_a.h5")
+    frac = tumour_fraction_of_tiles(slide, bag.coords, 256)
+    sel = (frac >= 0.75) | (frac == 0)
+    x, y = bag.features[sel].astype(np.float64), (frac[sel] >= 0.75).astype(int)
+    assert y.sum() >= 10 and (1 - y).sum() >= 10
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(y))
+    tr, te = idx[: len(y) // 2], idx[len(y) // 2 :]
+    mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-8
+    a = np.c_[(x - mu) / sd, np.ones(len(x))]
+    w = np.linalg.solve(a[tr].T @ a[tr] + 10.0 * np.eye(a.shape[1]), a[tr].T @ (2.0 * y[tr] - 1))
+    assert ((a[te] @ w > 0) == y[te]).mean() >= 0.9
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    import feature_extraction.encoders.registry as reg
+    from feature_extraction.extract import ExtractConfig, preprocess
+
+    calls = {"n": 0}
+    original = reg.PatchEncoder.encode
+
+    def encode(self, tiles):
+        calls["n"] += 1
+        if calls["n"] == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)  # die mid-slide, no cleanup
+        return original(self, tiles)
+
+    reg.PatchEncoder.encode = encode
+    slides = sys.argv[1].split(",")
+    preprocess(slides, sys.argv[2], ExtractConfig(encoder="fast", num_workers=1,
+               batch_size=4, progress=False))
+    """
+)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_bags(tmp_path):
+    from feature_extraction.synthetic import make_synthetic_slide
+
+    slides = [
+        make_synthetic_slide(tmp_path / f"{name}.svs", 1024, 1024, seed=i, tissue_fraction=0.8).path
+        for i, name in enumerate(("k_b", "k_a"))
+    ]
+    ordered = sorted(slides, key=lambda p: p.stem)  # processing order: k_a, k_b
+    cfg = ExtractConfig(encoder="fast", num_workers=1, batch_size=4, progress=False)
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    preprocess(slides, ref_dir, cfg)
+    n_first = read_bag(ref_dir / f"{ordered[0].stem}.h5").num_instances
+    n_second = read_bag(ref_dir / f"{ordered[1].stem}.h5").num_instances
+    assert n_first >= 1 and n_second > 4
+    kill_at = -(-n_first // 4) + 2  # the 2nd batch of the second slide
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "killed.log"
+    args = [sys.executable, "-c", _KILL_SCRIPT, ",".join(map(str, slides)), str(run_dir)]
+    with log.open("wb") as fh:  # a file, not a pipe: orphaned readers may outlive the kill
+        proc = subprocess.run(
+            [*args, str(kill_at)], env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=120
+        )
+    assert proc.returncode == -9, log.read_text()[-2000:]
+    assert is_complete_bag(run_dir / f"{ordered[0].stem}.h5")
+    assert not is_complete_bag(run_dir / f"{ordered[1].stem}.h5")
+    assert (run_dir / f"{ordered[1].stem}.h5.lock").exists()  # left by the killed process
+    summary = preprocess(slides, run_dir, cfg)
+    status = {r.slide_id: r.status for r in summary.results}
+    assert status == {ordered[0].stem: "skipped", ordered[1].stem: "ok"}
+    for p in slides:
+        a, b = read_bag(ref_dir / f"{p.stem}.h5"), read_bag(run_dir / f"{p.stem}.h5")
+        assert a.features.tobytes() == b.features.tobytes()  # bitwise
+        np.testing.assert_array_equal(a.coords, b.coords)
+
+
+@pytest.mark.slow
+def test_resnet50_trunc_run_with_local_checkpoint(tmp_path):
+    import torch
+
+    from feature_extraction.encoders.registry import file_sha256
+    from feature_extraction.encoders.resnet import build_resnet50_backbone
+    from feature_extraction.synthetic import make_synthetic_slide
+
+    slide = make_synthetic_slide(tmp_path / "tiny.svs", 512, 512, mpp=0.5, tissue_fraction=0.9)
+    weights = tmp_path / "resnet50.pth"
+    torch.manual_seed(0)
+    torch.save(build_resnet50_backbone().state_dict(), weights)
+    cfg = ExtractConfig(
+        encoder="resnet50-trunc", weights=weights, num_workers=0, batch_size=4, progress=False
+    )
+    summary = preprocess([slide.path], tmp_path / "out", cfg)
+    (result,) = summary.results
+    assert result.status == "ok" and result.n_tiles >= 1, result.error
+    bag = read_bag(tmp_path / "out" / "tiny.h5")
+    assert bag.features.shape == (result.n_tiles, 1024) and np.isfinite(bag.features).all()
+    assert bag.features_attrs["encoder_weights_sha256"] == file_sha256(weights)
+    assert bag.features_attrs["precision"] == "bf16"  # CPU default: bf16 autocast
