@@ -171,7 +171,10 @@ class ABMIL(MILModel):
             self.fc: nn.Module = nn.Identity()
             dim = in_dim
         else:
-            layers: list[nn.Module] = [nn.Linear(in_dim, fc_dim), make_act(act)]
+            act_layer = make_act(act)
+            if isinstance(act_layer, nn.ReLU):  # in place: saves one (N, M) buffer at 10^5 tiles
+                act_layer = nn.ReLU(inplace=True)
+            layers: list[nn.Module] = [nn.Linear(in_dim, fc_dim), act_layer]
             if fc_dropout > 0:
                 layers.append(nn.Dropout(fc_dropout))
             self.fc = nn.Sequential(*layers)
