@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import math
+import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -172,6 +174,30 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+def _premultiplied_bgra_on_white(buf: np.ndarray) -> np.ndarray:
+    """(H, W, 4) premultiplied B, G, R, A bytes → (H, W, 3) RGB composited over white."""
+    import cv2
+
+    rgb = cv2.cvtColor(buf, cv2.COLOR_BGRA2RGB)
+    alpha = buf[..., 3]
+    if alpha.size and alpha.min() < 255:
+        # premultiplied "over" white: c + 255 · (1 − a/255) = c + (255 − a), exact in integers
+        cv2.add(rgb, cv2.cvtColor(255 - alpha, cv2.COLOR_GRAY2RGB), dst=rgb)
+    return rgb
+
+
+def _fast_argb_available() -> bool:
+    """Whether openslide-python exposes the raw read call we use (little-endian hosts only)."""
+    try:
+        from openslide import lowlevel
+    except ImportError:  # pragma: no cover - openslide is a hard dependency
+        return False
+    return sys.byteorder == "little" and hasattr(lowlevel, "_read_region")
+
+
+_FAST_ARGB = _fast_argb_available()
+
+
 class _OpenSlideBackend:
     kind = "openslide"
 
@@ -195,11 +221,35 @@ class _OpenSlideBackend:
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]):
         try:
+            if _FAST_ARGB:
+                return self._read_argb(location, level, size)
             img = self.handle.read_region(location, level, size)
         except self._openslide.OpenSlideError as exc:
             self.reopen()  # OpenSlide handles are unusable after any error
             raise _BackendReadError(str(exc)) from exc
         return _composite_on_white(np.asarray(img))
+
+    def _read_argb(self, location: tuple[int, int], level: int, size: tuple[int, int]):
+        """Read OpenSlide's premultiplied ARGB buffer straight into NumPy.
+
+        Skips openslide-python's un-premultiply pass, the PIL image and its conversion back to
+        an array (together ~2× the decode time on large regions). Compositing premultiplied
+        colour over white is exact in integers: ``out = c + (255 - alpha)``.
+        """
+        from openslide import lowlevel
+
+        w, h = size
+        buf = np.empty((h, w, 4), dtype=np.uint8)  # little-endian ARGB = bytes B, G, R, A
+        lowlevel._read_region(
+            self.handle._osr,
+            buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)),
+            int(location[0]),
+            int(location[1]),
+            int(level),
+            int(w),
+            int(h),
+        )
+        return _premultiplied_bgra_on_white(buf)
 
     def best_level_for_downsample(self, downsample: float) -> int:
         return int(self.handle.get_best_level_for_downsample(downsample))

@@ -199,3 +199,26 @@ def test_read_mpp_csv(tmp_path: Path) -> None:
     assert str(bad_value) in str(info.value)
     with pytest.raises(MilkitError, match="not found"):
         read_mpp_csv(tmp_path / "none.csv")
+
+
+def test_premultiplied_bgra_composited_on_white() -> None:
+    from feature_extraction.slides import _premultiplied_bgra_on_white
+
+    buf = np.zeros((1, 3, 4), dtype=np.uint8)
+    buf[0, 0] = (0, 0, 0, 0)  # transparent → white
+    buf[0, 1] = (30, 20, 10, 255)  # opaque B, G, R → R, G, B
+    buf[0, 2] = (0, 0, 64, 128)  # half-transparent premultiplied red over white
+    out = _premultiplied_bgra_on_white(buf)
+    assert out[0, 0].tolist() == [255, 255, 255]
+    assert out[0, 1].tolist() == [10, 20, 30]
+    assert out[0, 2].tolist() == [64 + 127, 127, 127]
+
+
+def test_fast_and_public_openslide_paths_agree(slides_dir: Path, monkeypatch) -> None:
+    with Slide(slides_dir / "synthetic" / "boxes.tiff", mpp=0.5) as s:
+        cases = [((100, 100), 0, (200, 150)), ((0, 0), 1, (150, 125)), ((280, 240), 0, (40, 30))]
+        fast = [s.read_region(*c) for c in cases]
+        monkeypatch.setattr(slides_mod, "_FAST_ARGB", False)
+        slow = [s.read_region(*c) for c in cases]
+    for a, b in zip(fast, slow):
+        np.testing.assert_array_equal(a, b)

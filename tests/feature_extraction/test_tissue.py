@@ -6,12 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from feature_extraction.slides import Slide
 from feature_extraction.synthetic import make_synthetic_slide
 from feature_extraction.tissue import (
     PRESETS,
     TissueParams,
+    clean_mask,
     get_preset,
     segment_rgb,
     segment_tissue,
@@ -123,3 +126,38 @@ def test_params_validation_json_and_presets() -> None:
     assert get_preset("biopsy").min_object_um2 < get_preset("resection").min_object_um2
     with pytest.raises(MilkitError, match="biopsy"):
         get_preset("nope")
+
+
+def _clean_reference(mask: np.ndarray, min_px: float, max_hole: float) -> np.ndarray:
+    """Slow, obvious reference: connected-component labelling with areas by pixel count."""
+    import cv2
+
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_px
+    keep[0] = False
+    kept = keep[labels]
+    _, labels, stats, _ = cv2.connectedComponentsWithStats((~kept).view(np.uint8), connectivity=4)
+    h, w = kept.shape
+    x, y = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+    border = (x == 0) | (y == 0) | (x + stats[:, 2] == w) | (y + stats[:, 3] == h)
+    fill = (stats[:, cv2.CC_STAT_AREA] < max_hole) & ~border
+    fill[0] = False
+    return kept | fill[labels]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 100_000),
+    sigma=st.sampled_from([1.5, 3.0, 6.0]),
+    min_px=st.sampled_from([0, 5, 40, 300]),
+    max_hole=st.sampled_from([0, 4, 30, 500]),
+)
+def test_contour_cleaning_equals_connected_components(seed, sigma, min_px, max_hole) -> None:
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    field = cv2.GaussianBlur(rng.random((120, 160)).astype(np.float32), (0, 0), sigma)
+    mask = field > np.quantile(field, rng.uniform(0.3, 0.7))
+    np.testing.assert_array_equal(
+        clean_mask(mask, min_px, max_hole), _clean_reference(mask, min_px, max_hole)
+    )
