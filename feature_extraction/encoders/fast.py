@@ -42,7 +42,7 @@ FAST = EncoderCfg(
     paper="hand-crafted colour/OD/LBP/gradient descriptors + fixed random convolutions",
     weights_required=False,
     cpu_amp=False,
-    description="weight-free colour + texture descriptors, 218-d, thousands of patches/s on CPU",
+    description="weight-free colour + texture descriptors, 218-d, for demos and CPU-only runs",
 )
 
 
