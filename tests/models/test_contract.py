@@ -23,6 +23,8 @@ IN_DIM, NUM_CLASSES = 32, 3
 SMALL: dict[str, dict] = {
     "transmil": {"dim": 32, "heads": 2, "num_landmarks": 8},
     "mhim-transmil": {"dim": 32, "heads": 2, "num_landmarks": 8},
+    # 8×8 regions of a ≤ 40-token bag hold one token each (order then cannot matter): use 2×2.
+    "r2t-abmil": {"region_num": 2},
 }
 
 # Parameters without gradients by design, as fnmatch patterns over parameter names.
