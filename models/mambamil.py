@@ -76,12 +76,19 @@ class MambaMIL(MILModel):
     permutation_invariant = False
     mil_respecting = False
     supports_padding = True
+    # Official scripts: Adam, lr 2e-4, reg 1e-5, max 200 epochs, early stopping on validation
+    # loss (patience 20, not before epoch 50), batch 1. The CLAM-derived loop has no LR schedule
+    # (read from the scripts' arguments; not re-verified in the loop itself).
     training_preset: ClassVar[dict[str, Any]] = {
         "optimizer": "adam",
         "lr": 2e-4,
         "weight_decay": 1e-5,
         "epochs": 200,
+        "scheduler": "none",
         "batch_size": 1,
+        "patience": 20,
+        "min_epochs": 50,
+        "monitor": "val_loss",
     }
 
     def __init__(

@@ -19,10 +19,12 @@ Paths:
   Inside a block, steps are grouped into sub-chunks of ``T`` steps; the ``K/T`` sub-chunks are
   scanned *simultaneously* (a loop of T vectorised steps), then their start states are linked by a
   loop over the K/T sub-chunks, and each local state is corrected by ``exp(cumsum(ΔA)) h_start``.
-  All exponents are cumulative sums of ``Δ·A ≤ 0``, so nothing overflows. The block state is carried
-  to the next block; each block runs under activation checkpointing, so backward RECOMPUTES the
-  block's (b, d, K, n) states instead of storing them: peak memory O(b·d·n·K + b·d·L), never
-  O(b·d·n·L). Work is linear in L (no log factor); Python iterations per block are T + K/T.
+  All exponents are cumulative sums of ``Δ·A ≤ 0``, so nothing overflows (they are floored at
+  ~log(finfo.tiny) to avoid CPU exp's slow underflow path; see ``_EXP_FLOOR``). The block state is
+  carried to the next block; with more than one block, each block is a recomputing autograd
+  Function (``_CheckpointedBlock``): backward RECOMPUTES the block's states instead of storing
+  them, so peak memory is O(b·d·n·K + b·d·L), never O(b·d·n·L). Work is linear in L (no log
+  factor); Python iterations per block are 2T + K/T, each on a cache-sized (b, d, K/T, n) tensor.
 - CUDA: when tensors are on a CUDA device and ``mamba_ssm`` is importable, its fused kernel.
 """
 

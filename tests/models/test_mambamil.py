@@ -131,3 +131,11 @@ def test_mamba_mixer_matches_mamba_ssm_kernels_on_same_weights():
     ours_cuda = Mamba(64, d_state=16, backend="cuda").cuda()  # our module on the kernel path
     ours_cuda.load_state_dict(theirs.state_dict(), strict=True)
     torch.testing.assert_close(ours_cuda(x.cuda()), theirs(x.cuda()), rtol=1e-4, atol=1e-4)
+
+
+def test_training_preset_is_a_valid_train_config():
+    from milkit.train import TrainConfig
+
+    cfg = TrainConfig.for_model("mambamil", "official")
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.epochs) == ("adam", 2e-4, 1e-5, 200)
+    assert (cfg.patience, cfg.min_epochs, cfg.monitor) == (20, 50, "val_loss")

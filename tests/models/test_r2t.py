@@ -152,3 +152,10 @@ def test_official_init_and_training_preset():
     assert torch.count_nonzero(conv.bias) == 0 and conv.weight.std() > 0
     assert model.pool.proj.bias is None and model.pool.score.bias is None  # DAttention: no bias
     assert model.training_preset["lr"] == 2e-4 and model.training_preset["scheduler"] == "cosine"
+
+
+def test_training_preset_is_a_valid_train_config():
+    from milkit.train import TrainConfig
+
+    cfg = TrainConfig.for_model("r2t-abmil", "official")
+    assert (cfg.optimizer, cfg.lr, cfg.scheduler, cfg.epochs) == ("adam", 2e-4, "cosine", 200)
