@@ -196,6 +196,107 @@ def _fast_argb_available() -> bool:
 
 
 _FAST_ARGB = _fast_argb_available()
+_DIRECT_LEVEL_READS = True  # whole-level reads decode JPEG tiles directly where proven equal
+
+
+class _DirectJpegLevels:
+    """Whole-level reads of JPEG-tiled TIFF pyramids (Aperio SVS, generic tiled TIFF), decoding
+    the tiles straight from the file with OpenCV's libjpeg-turbo.
+
+    Why: segmentation and thumbnails read a whole ~10-Mpx level; OpenSlide spends 4–5× the CPU of
+    the bare JPEG decode on that (measured 0.07 s vs 0.28–0.42 s CPU for 3750 × 2500 px). Used
+    only where it is provably equivalent: JPEG tiles of 8-bit RGB/YCbCr, contiguous planes, and a
+    per-level self-check that one tile decodes identically (± 2) to OpenSlide's own read (this
+    catches RGB-coded JPEGs that libjpeg would take for YCbCr). Anything
+    else (other vendors or codecs, a failed check, a decode error) returns None and the caller
+    falls back to OpenSlide, which also handles corrupt tiles.
+    """
+
+    def __init__(self, path: Path, level_dimensions: tuple[tuple[int, int], ...]) -> None:
+        import tifffile
+
+        self.path = path
+        self._pages: dict[int, Any] = {}
+        self._verified: dict[int, bool] = {}
+        with tifffile.TiffFile(str(path)) as tf:
+            for page in tf.pages:
+                if not (
+                    page.is_tiled
+                    and page.compression == 7
+                    and page.photometric in (2, 6)  # RGB or YCbCr; colour checked per level
+                    and page.samplesperpixel == 3
+                    and page.bitspersample == 8
+                    and page.planarconfig == 1
+                    and page.imagedepth == 1
+                ):
+                    continue
+                dims = (int(page.imagewidth), int(page.imagelength))
+                for level, level_dims in enumerate(level_dimensions):
+                    if level_dims == dims and level not in self._pages:
+                        self._pages[level] = {
+                            "width": dims[0],
+                            "height": dims[1],
+                            "tile": (int(page.tilewidth), int(page.tilelength)),
+                            "offsets": tuple(page.dataoffsets),
+                            "counts": tuple(page.databytecounts),
+                            "tables": page.jpegtables,
+                        }
+
+    def _decode(self, fh: Any, info: dict[str, Any], index: int) -> np.ndarray | None:
+        import cv2
+
+        offset, count = info["offsets"][index], info["counts"][index]
+        if count == 0:
+            return None
+        fh.seek(offset)
+        data = fh.read(count)
+        tables = info["tables"]
+        if tables:  # abbreviated stream: splice the shared tables in (drop EOI / SOI)
+            data = bytes(tables[:-2]) + data[2:]
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if bgr is None or bgr.shape[:2] != (info["tile"][1], info["tile"][0]):
+            raise ValueError("tile did not decode to the expected size")
+        return bgr
+
+    def read_level(self, level: int, check: Any) -> np.ndarray | None:
+        """RGB array of the whole level, or None when this path does not apply."""
+        import cv2
+
+        info = self._pages.get(level)
+        if info is None or self._verified.get(level) is False:
+            return None
+        w, h = info["width"], info["height"]
+        tw, th = info["tile"]
+        nx, ny = -(-w // tw), -(-h // th)
+        if len(info["offsets"]) != nx * ny:
+            return None
+        out = np.empty((ny * th, nx * tw, 3), dtype=np.uint8)
+        out[:] = 255
+        try:
+            with open(self.path, "rb") as fh:
+                if level not in self._verified:
+                    tile = self._decode(fh, info, 0)
+                    ref = check((0, 0), level, (min(tw, w), min(th, h)))
+                    ok = tile is not None and (
+                        np.abs(
+                            cv2.cvtColor(tile, cv2.COLOR_BGR2RGB)[
+                                : ref.shape[0], : ref.shape[1]
+                            ].astype(np.int16)
+                            - ref
+                        ).max()
+                        <= 2
+                    )
+                    self._verified[level] = bool(ok)
+                    if not ok:
+                        return None
+                for index in range(nx * ny):
+                    tile = self._decode(fh, info, index)
+                    if tile is not None:
+                        ty, tx = divmod(index, nx)
+                        out[ty * th : (ty + 1) * th, tx * tw : (tx + 1) * tw] = tile
+        except (OSError, ValueError, cv2.error, _BackendReadError):
+            return None  # the OpenSlide path redoes the read and reports any corrupt tile
+        return cv2.cvtColor(out[:h, :w], cv2.COLOR_BGR2RGB)
 
 
 class _OpenSlideBackend:
@@ -213,6 +314,20 @@ class _OpenSlideBackend:
         )
         self.level_downsamples = tuple(float(d) for d in self.handle.level_downsamples)
         self.vendor = self.properties.get("openslide.vendor", "unknown")
+        self._direct: _DirectJpegLevels | bool | None = False  # False: not looked at yet
+
+    def read_level(self, level: int) -> np.ndarray | None:
+        """Whole-level fast path for JPEG-tiled TIFF formats (see :class:`_DirectJpegLevels`)."""
+        if self._direct is False:
+            self._direct = None
+            if self.vendor in {"aperio", "generic-tiff"} and _looks_like_tiff(self.path):
+                try:
+                    self._direct = _DirectJpegLevels(self.path, self.level_dimensions)
+                except Exception:  # any parsing trouble: the OpenSlide path still works
+                    self._direct = None
+        if self._direct is None:
+            return None
+        return self._direct.read_level(level, self.read_region)
 
     def reopen(self) -> None:
         with contextlib.suppress(self._openslide.OpenSlideError):
@@ -316,6 +431,9 @@ class _TiffFileBackend:
 
     def reopen(self) -> None:
         self._cache.clear()
+
+    def read_level(self, level: int) -> np.ndarray | None:
+        return None  # read_region on the decoded level is already direct
 
     def _level_array(self, level: int) -> np.ndarray:
         with self._lock:
@@ -566,6 +684,14 @@ class Slide:
                 path=self.path,
                 hint="Read a lower-resolution level, a region, or a thumbnail instead",
             )
+        return self._whole_level(level)
+
+    def _whole_level(self, level: int) -> np.ndarray:
+        w, h = self.level_dimensions[level]
+        if _DIRECT_LEVEL_READS:
+            fast = self._open().read_level(level)
+            if fast is not None:
+                return fast
         return self.read_region((0, 0), level, (w, h))
 
     def thumbnail(self, max_size: int) -> np.ndarray:
@@ -585,7 +711,7 @@ class Slide:
         lw, lh = self.level_dimensions[level]
         lds = self.level_downsamples[level]
         if lw * lh <= _THUMB_DIRECT_PIXELS:
-            img = self.read_region((0, 0), level, (lw, lh))
+            img = self._whole_level(level)
             if (lw, lh) == (tw, th):
                 return img
             return cv2.resize(img, (tw, th), interpolation=cv2.INTER_AREA)

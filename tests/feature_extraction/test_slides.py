@@ -222,3 +222,33 @@ def test_fast_and_public_openslide_paths_agree(slides_dir: Path, monkeypatch) ->
         slow = [s.read_region(*c) for c in cases]
     for a, b in zip(fast, slow):
         np.testing.assert_array_equal(a, b)
+
+
+def test_direct_jpeg_level_reads_equal_openslide(tmp_path: Path, monkeypatch) -> None:
+    truth = make_synthetic_slide(tmp_path / "d.svs", 1536, 1280, seed=9, tumour_regions=1, levels=2)
+    with Slide(truth.path) as s:
+        direct = [s._whole_level(level) for level in range(s.level_count)]
+        assert s._backend._direct._verified == {0: True, 1: True}  # fast path taken
+        monkeypatch.setattr(slides_mod, "_DIRECT_LEVEL_READS", False)
+        reference = [s._whole_level(level) for level in range(s.level_count)]
+    for a, b in zip(direct, reference):
+        assert a.shape == b.shape
+        assert np.abs(a.astype(int) - b).max() <= 2
+
+
+def test_direct_reads_fall_back_when_colours_differ(cmu: Path, monkeypatch) -> None:
+    # CMU-1-Small-Region stores RGB-coded JPEG tiles, which libjpeg would decode as YCbCr:
+    # the per-level self-check must reject the fast path and OpenSlide's pixels come back.
+    with Slide(cmu) as s:
+        fast = s.thumbnail(500)
+        assert s._backend._direct._verified == {0: False}
+        monkeypatch.setattr(slides_mod, "_DIRECT_LEVEL_READS", False)
+        np.testing.assert_array_equal(fast, s.thumbnail(500))
+
+
+def test_corrupt_tile_in_whole_level_read_is_a_tile_read_error(slides_dir: Path) -> None:
+    with (
+        Slide(slides_dir / "synthetic" / "unreadable.svs") as s,
+        pytest.raises(TileReadError),
+    ):
+        s.thumbnail(8)
