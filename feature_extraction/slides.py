@@ -336,7 +336,7 @@ class _OpenSlideBackend:
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]):
         try:
-            if _FAST_ARGB:
+            if _FAST_ARGB and hasattr(self.handle, "_osr"):  # private API: guarded
                 return self._read_argb(location, level, size)
             img = self.handle.read_region(location, level, size)
         except self._openslide.OpenSlideError as exc:
