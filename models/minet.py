@@ -102,39 +102,9 @@ class MiNet(MILModel):
         return MILOutput(logits=logits, embedding=pooled, instance_logits=inst)
 
 
-class ConceptDetectors(nn.Module):
-    """K concept detectors on instance embeddings h (..., W) → concept logits (..., K).
-
-    ``rbf``: g_k(h) = β_k - 2·softplus(ρ_k) · mean_j (h_j - c_kj)^2, a learnable bump around a
-    prototype c_k. ``linear``: g_k(h) = w_k^T h + β_k. Why the bump is the default: a ReLU MLP
-    without a bump is (nearly) positively homogeneous, so a linear detector on it always prefers
-    the larger of two collinear concepts (T2/T3 use A = N(2·1, 0.1) and B = N(3·1, 0.1)); in our
-    runs every linear detector became "B" and training stalled at AUC 0.75 (one concept found),
-    while prototype detectors learn an A-only and a B-only detector.
-    """
-
-    def __init__(self, width: int, num_concepts: int, kind: str = "rbf") -> None:
-        super().__init__()
-        if kind not in ("rbf", "linear"):
-            raise ValueError(f"threshold-mil: detector must be 'rbf' or 'linear', got {kind!r}")
-        self.kind = kind
-        if kind == "linear":
-            self.linear = nn.Linear(width, num_concepts)
-        else:
-            self.prototypes = nn.Parameter(torch.randn(num_concepts, width))  # ours: N(0, 1)
-            self.offset = nn.Parameter(torch.full((num_concepts,), 2.0))  # ours: β_k = 2 at init
-            self.log_scale = nn.Parameter(torch.zeros(num_concepts))  # 2·softplus(0) ≈ 1.39
-
-    def forward(self, h: Tensor) -> Tensor:
-        if self.kind == "linear":
-            return self.linear(h)
-        sq = (h.unsqueeze(-2) - self.prototypes).pow(2).mean(dim=-1)  # (..., K)
-        return self.offset - 2.0 * F.softplus(self.log_scale) * sq
-
-
 @register_aggregator(
     "threshold-mil",
-    description="threshold/presence MIL: K max-pooled concept detectors, monotone noisy-AND",
+    description="threshold/presence MIL: max-pooled competing concept detectors, noisy-AND",
 )
 class ThresholdMIL(MILModel):
     """Threshold-MIL reference model (ours; milkit's MIL-respecting control for generalized MIL).
@@ -142,21 +112,30 @@ class ThresholdMIL(MILModel):
     Assumption: presence-/threshold-based generalized MIL (Weidmann, Frank & Pfahringer, ECML
     2003): a bag is positive iff every required concept c ∈ Ĉ is present. Motivated by Raff & Holt,
     "Reproducibility in Multiple Instance Learning: A Case For Algorithmic Unit Tests", NeurIPS
-    2023 (no official code; milkit's spec ``assumption_tests.md``). No official repository: this
-    model is milkit's own control, not a paper reproduction.
+    2023 (arXiv 2310.17867; no official code). There is no official repository: this model is
+    milkit's own control, not a paper reproduction.
 
-    Equations (K concept detectors):
-        h_i = MLP(x_i)                     instance embedding (ReLU layers ``hidden``)
-        g_k(x_i) = β_k - 2 softplus(ρ_k) ||h_i - c_k||² / W     concept detector (``ConceptDetectors``)
-        z_k = max_i g_k(x_i)               concept presence (max over instances)
-        s   = b + Σ_k softplus(w_k) · log σ(z_k)                 weighted noisy-AND
-    log σ is increasing and ≤ 0 and the weights are non-negative, so s is non-decreasing in every
-    z_k, and each z_k is non-decreasing in the bag: adding an instance never lowers s. Because
-    log σ(z_k) ≤ 0, inflating one concept can raise s by at most that concept's share; the other
-    required concepts still bound it (T3). A concept with weight → 0 is ignored, so the model
-    covers standard MIL (one required concept) and "A and B" (two). C = 2: logits ``[0, s]``.
-    C > 2: one (w, b) row per class; each class logit is monotone (softmax shares are not, see
-    ``MiNet``). ``instance_logits``: b + Σ_k softplus(w_k) log σ(g_k(x_i)) per instance.
+    Equations (K concepts; W = last hidden width):
+        h_i = MLP(x_i)                                  instance embedding (ReLU, ``hidden``)
+        log p_ik = log_softmax(U h_i + u)_k, k ≤ K      concept k of K + 1 ("none" is the last)
+        z_k = max_i log p_ik                            log presence of concept k in the bag
+        s   = b + Σ_k softplus(w_k) · z_k               weighted noisy-AND (log of Π_k P_k^w_k)
+    Each instance's p_ik depends on that instance only, z_k ≤ 0 is a max over instances and the
+    weights are non-negative: adding an instance never lowers s (monotone in the bag). Because
+    z_k ≤ 0, inflating one concept can raise s by at most its own share; the other required
+    concepts still bound it (T3). A concept with weight → 0 is ignored, so the model covers
+    standard MIL (one required concept) and "A and B" (two).
+
+    Why competing (softmax) detectors: with independent sigmoid detectors (``detector=
+    "sigmoid"``: log p_ik = log σ(U h_i + u)_k) on a ReLU MLP, which is nearly positively
+    homogeneous, every detector prefers the larger of two collinear concepts (T2/T3 use
+    A = N(2·1, 0.1) and B = N(3·1, 0.1)); in our runs all of them became "B" and training stalled
+    at AUC 0.75. The softmax makes an instance belong to one concept, so detectors specialise;
+    with K = 6 every seed we tried fitted T2 and T3 (K = 4 stalled on one of three T2 seeds).
+
+    Contract: C = 2 logits ``[0, s]`` (softmax p(positive) = σ(s)). C > 2: one (w, b) row per
+    class; each class logit is monotone (softmax shares are not, see ``MiNet``).
+    ``instance_logits``: the same combination of the instance's own log p_ik (B, N, C).
     ``embedding``: z (B, K). ``attention``: None.
     """
 
@@ -169,20 +148,25 @@ class ThresholdMIL(MILModel):
         in_dim: int,
         num_classes: int,
         *,
-        num_concepts: int = 4,  # ours: more detectors than the two concepts of T2/T3
+        num_concepts: int = 6,  # ours: see the class docstring
         hidden: tuple[int, ...] = (128, 64),  # ours: a small instance MLP
         dropout: float = 0.0,
-        detector: str = "rbf",  # ours: see ConceptDetectors
+        detector: str = "softmax",  # ours: "softmax" (competing) | "sigmoid" (independent)
     ) -> None:
         super().__init__()
         if num_concepts < 1:
             raise ValueError(f"threshold-mil: num_concepts must be >= 1, got {num_concepts}")
+        if detector not in ("softmax", "sigmoid"):
+            raise ValueError(
+                f"threshold-mil: detector must be 'softmax' or 'sigmoid', got {detector!r}"
+            )
         self.in_dim, self.num_classes = in_dim, num_classes
-        self.num_concepts = int(num_concepts)
+        self.num_concepts, self.detector = int(num_concepts), detector
         hidden = tuple(int(h) for h in hidden)
         self.instance_net = _instance_mlp(in_dim, hidden, dropout)
         width = hidden[-1] if hidden else in_dim
-        self.concepts = ConceptDetectors(width, self.num_concepts, detector)
+        extra = 1 if detector == "softmax" else 0  # the "none" class
+        self.concepts = nn.Linear(width, self.num_concepts + extra)
         n_out = 1 if num_classes == 2 else num_classes
         # softplus(0.5413) = 1: every concept starts with unit weight (ours).
         self.raw_weight = nn.Parameter(torch.full((n_out, self.num_concepts), 0.5413))
@@ -198,18 +182,25 @@ class ThresholdMIL(MILModel):
         self.bias = nn.Parameter(torch.zeros(n_out, device=device))
         self.num_classes = num_classes
 
-    def combine(self, z: Tensor) -> Tensor:
-        """Monotone noisy-AND of concept logits z (..., K) → class scores (..., 1 | C)."""
-        return F.logsigmoid(z) @ F.softplus(self.raw_weight).T + self.bias
+    def concept_log_probs(self, x: Tensor) -> Tensor:
+        """log p_ik (..., N, K) of every instance, each ≤ 0."""
+        u = self.concepts(self.instance_net(x))
+        if self.detector == "softmax":
+            return torch.log_softmax(u, dim=-1)[..., : self.num_concepts]
+        return F.logsigmoid(u)
+
+    def combine(self, logp: Tensor) -> Tensor:
+        """Monotone noisy-AND of concept log-presences (..., K) → class scores (..., 1 | C)."""
+        return logp @ F.softplus(self.raw_weight).T + self.bias
 
     def forward(
         self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
     ) -> MILOutput:
         mask = check_bag_input(x, mask, model="threshold-mil")
-        g = self.concepts(self.instance_net(x))  # (B, N, K)
-        z, _ = _masked_max(g, mask)  # (B, K)
+        logp = self.concept_log_probs(x)  # (B, N, K)
+        z, _ = _masked_max(logp, mask)  # (B, K)
         scores = self.combine(z)  # (B, 1 | C)
-        inst_scores = self.combine(g)  # (B, N, 1 | C)
+        inst_scores = self.combine(logp)  # (B, N, 1 | C)
         if self.num_classes == 2:
             logits = _binary_logits(scores[:, 0])
             inst = _binary_logits(inst_scores[..., 0])

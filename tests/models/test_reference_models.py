@@ -92,13 +92,13 @@ def test_threshold_mil_weights_are_non_negative_and_and_like() -> None:
     m = models.create("threshold-mil", 4, 2, num_concepts=2)
     assert (F.softplus(m.raw_weight) > 0).all()
     # noisy-AND: with both concepts present the score beats either concept alone
-    z = torch.tensor([[6.0, 6.0], [6.0, -6.0], [-6.0, 6.0]])
+    z = torch.tensor([[-0.01, -0.01], [-0.01, -6.0], [-6.0, -0.01]])  # log presences
     s = m.combine(z)[:, 0]
     assert s[0] > s[1] + 1 and s[0] > s[2] + 1
 
 
 def test_threshold_mil_linear_detector_option_and_bad_values() -> None:
-    m = models.create("threshold-mil", 4, 3, detector="linear", num_concepts=3)
+    m = models.create("threshold-mil", 4, 3, detector="sigmoid", num_concepts=3)
     assert m(torch.randn(2, 5, 4)).logits.shape == (2, 3)
     with pytest.raises(ValueError, match="detector"):
         models.create("threshold-mil", 4, 2, detector="cubic")

@@ -1,0 +1,158 @@
+"""The assumption-check harness: statistics, verdict rule, and real trained verdicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import roc_auc_score
+from torch import Tensor, nn
+
+import models
+from milkit.assumptions.runner import (
+    DID_NOT_LEARN,
+    ERROR,
+    FAIL,
+    PASS,
+    Candidate,
+    CheckConfig,
+    auc_score,
+    bootstrap_mean_auc,
+    check_overrides,
+    run_checks,
+    verdict,
+)
+from milkit.errors import MilkitError
+from models.base import MILModel, MILOutput, check_bag_input
+
+
+class MeanPool(MILModel):
+    """Shortcut-capable model: mean of instance embeddings, then a linear head."""
+
+    def __init__(self, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.in_dim, self.num_classes, self.embed_dim = in_dim, num_classes, 32
+        self.net = nn.Sequential(nn.Linear(in_dim, 32), nn.ReLU())
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None):
+        mask = check_bag_input(x, mask, model="meanpool")
+        h = self.net(x)
+        w = torch.ones(x.shape[:2], device=x.device) if mask is None else mask.float()
+        z = (h * w[..., None]).sum(1) / w.sum(1, keepdim=True)
+        return MILOutput(logits=self.head(z), embedding=z)
+
+
+# Small, fast settings (200 bags, batch 8 ≈ the step count of the 400-bag default at batch 16).
+FAST = {
+    "num_train": 200,
+    "num_test": 200,
+    "batch_size": 8,
+    "lr": 3e-3,
+    "epochs": 20,
+    "patience": 5,
+    "n_boot": 200,
+    "seeds": (0,),
+}
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    labels=st.lists(st.integers(0, 1), min_size=4, max_size=40),
+    seed=st.integers(0, 1000),
+)
+def test_auc_matches_sklearn_including_ties(labels: list[int], seed: int) -> None:
+    y = np.array(labels)
+    scores = np.random.default_rng(seed).integers(0, 4, size=len(y)).astype(float)  # many ties
+    if y.min() == y.max():
+        assert np.isnan(auc_score(y, scores))
+    else:
+        assert auc_score(y, scores) == pytest.approx(roc_auc_score(y, scores))
+
+
+def test_bootstrap_ci_brackets_the_mean_and_narrows_with_data() -> None:
+    rng = np.random.default_rng(0)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.repeat([0, 1], n // 2)
+        return y, y * 0.8 + rng.normal(0, 1, n)
+
+    small = [draw(40) for _ in range(3)]
+    big = [draw(800) for _ in range(3)]
+    mean_small = np.mean([auc_score(*d) for d in small])
+    lo, hi = bootstrap_mean_auc(small, n_boot=500)
+    assert lo < mean_small < hi
+    lo_big, hi_big = bootstrap_mean_auc(big, n_boot=500)
+    assert hi_big - lo_big < (hi - lo) / 2
+    assert bootstrap_mean_auc(small, n_boot=300) == bootstrap_mean_auc(small, n_boot=300)
+
+
+def test_verdict_rule() -> None:
+    rule = {"threshold": 0.9, "delta": 0.1}
+    assert verdict(1.0, 0.05, 0.1, **rule) == FAIL
+    assert verdict(1.0, 0.45, 0.49, **rule) == FAIL  # CI entirely below chance
+    assert verdict(0.7, 0.2, 0.3, **rule) == FAIL  # a shortcut shows even in a partial fit
+    assert verdict(1.0, 0.45, 0.6, **rule) == PASS
+    assert verdict(0.8, 0.6, 0.7, **rule) == DID_NOT_LEARN
+    assert verdict(float("nan"), 0.6, 0.7, **rule) == ERROR
+
+
+def test_config_validation() -> None:
+    with pytest.raises(MilkitError, match="unknown assumption test"):
+        CheckConfig(tests=("t4",))
+    with pytest.raises(MilkitError, match="seed"):
+        CheckConfig(seeds=())
+
+
+def test_overrides_table_and_generic_width_rule() -> None:
+    assert check_overrides("mi-net") == {"hidden": (64, 32), "dropout": 0.0}
+    assert check_overrides("mi-net", CheckConfig(small=False)) == {}
+    custom = CheckConfig(overrides={"mi-net": {"hidden": (8,)}})
+    assert check_overrides("mi-net", custom) == {"hidden": (8,)}
+    if "abmil" in models.list_models():  # generic rule: big integer widths shrink to 64
+        over = check_overrides("abmil")
+        assert over and all(v == 64 for v in over.values())
+        models.create("abmil", 16, 2, **over)  # and the model accepts them
+
+
+def test_crashing_candidate_is_an_error_row_and_the_run_goes_on() -> None:
+    class Broken(MeanPool):
+        def forward(self, x, mask=None, coords=None):
+            raise RuntimeError("kaput")
+
+    cfg = CheckConfig(tests=("t1",), **{**FAST, "num_train": 20, "num_test": 20, "epochs": 1})
+    results = run_checks(
+        [Candidate("broken", Broken), Candidate("meanpool", MeanPool)], cfg, progress=False
+    )
+    assert results[0].verdict == ERROR
+    assert "kaput" in results[0].error
+    assert results[1].verdict != ERROR
+
+
+@pytest.mark.slow
+def test_mean_pooling_fails_t1_and_minet_passes_it() -> None:
+    cfg = CheckConfig(tests=("t1",), **FAST)
+    seen = []
+    mean_res, minet_res = run_checks(
+        [Candidate("meanpool", MeanPool), "mi-net"], cfg, progress=False, on_result=seen.append
+    )
+    assert len(seen) == 2
+    # the shortcut user fits the training draw and ranks the shifted test draw below chance
+    assert mean_res.train_auc > 0.95 and mean_res.test_auc < 0.2
+    assert mean_res.verdict == FAIL and mean_res.ci_high < 0.5
+    assert minet_res.mil_respecting and minet_res.train_auc > 0.9
+    assert minet_res.verdict == PASS and minet_res.test_auc > 0.6
+    row = minet_res.to_dict()
+    assert row["overrides"] == {"hidden": [64, 32], "dropout": 0.0}
+    assert row["per_seed"][0]["seed"] == 0 and row["per_seed"][0]["epochs"] >= 1
+
+
+@pytest.mark.slow
+def test_threshold_mil_learns_and_passes_t2_and_t3() -> None:
+    cfg = CheckConfig(tests=("t2", "t3"), **FAST)
+    t2, t3 = run_checks(["threshold-mil"], cfg, progress=False)
+    for res in (t2, t3):
+        assert res.verdict == PASS, res.to_dict()
+        assert res.train_auc > 0.95 and res.test_auc > 0.8
