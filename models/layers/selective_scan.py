@@ -21,7 +21,7 @@ Paths:
   loop over the K/T sub-chunks, and each local state is corrected by ``exp(cumsum(ΔA)) h_start``.
   All exponents are cumulative sums of ``Δ·A ≤ 0``, so nothing overflows (they are floored at
   ~log(finfo.tiny) to avoid CPU exp's slow underflow path; see ``_EXP_FLOOR``). The block state is
-  carried to the next block; with more than one block, each block is a recomputing autograd
+  carried to the next block; for all but tiny inputs each block is a recomputing autograd
   Function (``_CheckpointedBlock``): backward RECOMPUTES the block's states instead of storing
   them, so peak memory is O(b·d·n·K + b·d·L), never O(b·d·n·L). Work is linear in L (no log
   factor); Python iterations per block are 2T + K/T, each on a cache-sized (b, d, K/T, n) tensor.
@@ -44,10 +44,14 @@ __all__ = [
     "selective_scan_ref",
 ]
 
-# Elements of one (b, d, K, n) block tensor the chunked path aims for (~64 MiB in float32); the
+# Elements of one (b, d, K, n) block the chunked path aims for (~32 MiB in float32); the
 # block length K follows from it, clamped to [_MIN_BLOCK, _MAX_BLOCK].
-_BLOCK_ELEMENTS = 1 << 24
+_BLOCK_ELEMENTS = 1 << 23
 _MIN_BLOCK, _MAX_BLOCK = 64, 4096
+# Below this many state elements (b·d·n·L) a scan keeps its activations (plain autograd, no
+# recomputation). Above it every block recomputes: several scans in one model (layers ×
+# branches) would otherwise each keep ~8 block-sized activations alive until backward.
+_PLAIN_AUTOGRAD_ELEMENTS = 1 << 20
 
 
 # Floors for the decay exponents (all ≤ 0): exp() of inputs below ~log(finfo.tiny) takes a slow
@@ -241,7 +245,7 @@ def selective_scan_chunked(
     """Chunked, checkpointed pure-PyTorch selective scan (see the module docstring).
 
     Args:
-        block_size: steps per checkpointed block K (default: ~16M state elements per block).
+        block_size: steps per checkpointed block K (default: ~8M state elements per block).
         sub_chunk: steps per sub-chunk T inside a block (default ≈ √K, a power of two).
     """
     _check_shapes(u, delta, A, B, C)
@@ -261,7 +265,7 @@ def selective_scan_chunked(
     for start in range(0, length, k):
         sl = slice(start, min(start + k, length))
         args = (u_c[..., sl], delta[..., sl], B_c[..., sl], C_c[..., sl], state, A_c, sub)
-        if grad and k < length:  # one block only: its activations ARE the bounded peak anyway
+        if grad and b * d * n * length > _PLAIN_AUTOGRAD_ELEMENTS:
             y, state = _CheckpointedBlock.apply(*args)
         else:
             y, state = _scan_block(*args)

@@ -63,7 +63,7 @@ def test_official_init_resets_mixer_linears_and_mamba_ssm_init_keeps_them():
 def test_mixer_pytorch_scan_equals_sequential_reference(cls):
     torch.manual_seed(1)
     mixer = cls(16, d_state=4).double()
-    x = torch.randn(2, 23, 16, dtype=torch.float64)
+    x = torch.randn(1, 13, 16, dtype=torch.float64)
     fast = mixer(x)
     mixer.backend = "ref"
     torch.testing.assert_close(fast, mixer(x), rtol=1e-10, atol=1e-10)
@@ -97,14 +97,16 @@ def test_interleaved_padding_equals_per_bag_and_attention(name):
     torch.testing.assert_close(out.attention.sum(-1), torch.ones(3))
 
 
+@pytest.mark.slow
 def test_training_step_runs_on_long_bag_with_chunked_scan(monkeypatch):
     """A bag longer than one scan block trains (recomputing blocks in backward)."""
     from models.layers import selective_scan
 
-    monkeypatch.setattr(selective_scan, "_MAX_BLOCK", 256)  # force several checkpointed blocks
+    monkeypatch.setattr(selective_scan, "_MAX_BLOCK", 128)  # several blocks ...
+    monkeypatch.setattr(selective_scan, "_PLAIN_AUTOGRAD_ELEMENTS", 0)  # ... all recomputed
     torch.manual_seed(4)
     model = models.create("mambamil", 8, 2, **SMALL)
-    x = torch.randn(1, 1500, 8)
+    x = torch.randn(1, 500, 8)
     out = model(x)
     loss = torch.nn.functional.cross_entropy(out.logits, torch.tensor([1]))
     loss.backward()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from models.layers import selective_scan as scan_module
 from models.layers.selective_scan import (
     selective_scan,
     selective_scan_chunked,
@@ -68,14 +71,18 @@ def _grads(out, inputs, seed=1):
     block=st.integers(1, 41),
     sub=st.integers(1, 9),
     softplus=st.booleans(),
+    recompute=st.booleans(),
 )
-def test_chunked_equals_reference_forward_and_backward(length, block, sub, softplus):
+def test_chunked_equals_reference_forward_and_backward(length, block, sub, softplus, recompute):
     x = _inputs(length=length, seed=length)
     if not softplus:  # Δ must stay positive without softplus for a stable scan
         x["delta"] = x["delta"].detach().abs().requires_grad_()
         x["delta_bias"] = x["delta_bias"].detach().abs().requires_grad_()
     ref = selective_scan_ref(**x, delta_softplus=softplus)
-    out = selective_scan_chunked(**x, delta_softplus=softplus, block_size=block, sub_chunk=sub)
+    # recompute=True: every block goes through the recomputing autograd Function
+    limit = 0 if recompute else scan_module._PLAIN_AUTOGRAD_ELEMENTS
+    with mock.patch.object(scan_module, "_PLAIN_AUTOGRAD_ELEMENTS", limit):
+        out = selective_scan_chunked(**x, delta_softplus=softplus, block_size=block, sub_chunk=sub)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     for g_out, g_ref in zip(_grads(out, x), _grads(ref, x), strict=True):
         torch.testing.assert_close(g_out, g_ref, rtol=1e-9, atol=1e-9)
@@ -90,7 +97,8 @@ def test_gradcheck_chunked_float64():
             **dict(zip(names, args, strict=True)), delta_softplus=True, block_size=3, sub_chunk=2
         )
 
-    assert torch.autograd.gradcheck(fn, tuple(x.values()))
+    with mock.patch.object(scan_module, "_PLAIN_AUTOGRAD_ELEMENTS", 0):  # recomputing blocks
+        assert torch.autograd.gradcheck(fn, tuple(x.values()))
 
 
 def test_optional_terms_and_float32_tolerance():
@@ -143,3 +151,29 @@ def test_cuda_kernel_matches_pytorch_path():
     torch.testing.assert_close(out_cuda.cpu(), out_cpu, rtol=1e-3, atol=1e-3)
     for g_cuda, g_cpu in zip(_grads(out_cuda, x_cuda), _grads(out_cpu, x), strict=True):
         torch.testing.assert_close(g_cuda.cpu(), g_cpu, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_recomputing_blocks_keep_only_o_bdl_activations(recompute):
+    """What autograd keeps for backward: O(b·d·L) with recomputation, O(b·d·n·L) without."""
+    b, d, n, length = 1, 8, 16, 2000
+    x = _inputs(b=b, d=d, n=n, length=length, dtype=torch.float32)
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    limit = 0 if recompute else 1 << 40
+    with (
+        mock.patch.object(scan_module, "_PLAIN_AUTOGRAD_ELEMENTS", limit),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
+        out = selective_scan_chunked(**x, delta_softplus=True, block_size=256)
+    kept = sum(saved) / (b * d * length)
+    if recompute:
+        assert kept < 16, kept  # a handful of (b, d, L) tensors, no (b, d, L, n) states
+    else:
+        assert kept > 2 * n, kept
+    out.sum().backward()
+    assert torch.isfinite(x["A"].grad).all()
