@@ -16,9 +16,10 @@ seed's test draw, AUCs averaged over seeds), and a verdict (spec §3):
 - ``ERROR``: the model crashed (message kept; the run goes on with the next job).
 
 Training recipe (lean on purpose so the whole zoo runs on a CPU in minutes; not any paper's
-recipe): AdamW lr 1e-3, weight decay 1e-5, cosine schedule, ``epochs`` = 30, batch size 16
-(padded bags with a mask; 1 for models with ``supports_padding = False``), the model's own
-training hooks (aux losses, EMA teachers) through the trainer.
+recipe): AdamW lr 2e-3, weight decay 1e-5, cosine schedule over at most ``epochs`` = 40, batch
+size 16 (padded bags with a mask; 1 for models with ``supports_padding = False``), early
+stopping with patience 8 on the AUC of the *training* draw (the check wants the training fit;
+the trainer keeps the best epoch), the model's own hooks (aux losses, EMA teachers).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class CheckConfig:
         seeds: task and training seeds (spec: ≥ 3).
         num_train, num_test, dim: task sizes (spec defaults 400 / 400, D = 16).
         task_params: extra generator parameters (e.g. ``{"bag_size": 10}``).
-        epochs, lr, weight_decay, batch_size: the lean training recipe (module docstring).
+        epochs, patience, lr, weight_decay, batch_size: the lean training recipe (module doc).
         train_auc_threshold: below this mean training AUC the verdict is DID NOT LEARN.
         delta: FAIL when mean test AUC < 0.5 - delta.
         n_boot, alpha: bootstrap resamples and CI level (95%).
@@ -76,8 +77,8 @@ class CheckConfig:
     num_test: int = 400
     dim: int = 16
     task_params: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 60
-    patience: int | None = 10
+    epochs: int = 40
+    patience: int | None = 8
     lr: float = 2e-3
     weight_decay: float = 1e-5
     batch_size: int = 16

@@ -156,3 +156,73 @@ def test_threshold_mil_learns_and_passes_t2_and_t3() -> None:
     for res in (t2, t3):
         assert res.verdict == PASS, res.to_dict()
         assert res.train_auc > 0.95 and res.test_auc > 0.8
+
+
+def _fake_result(model: str, test: str, verdict_: str, respecting: bool):
+    from milkit.assumptions.runner import SeedResult, TestResult
+
+    seed = SeedResult(0, 1.0, 0.1, 3, 0.5, np.array([0, 1]), np.array([0.9, 0.1]))
+    return TestResult(model, test, verdict_, 1.0, 0.1, 0.0, 0.2, respecting, {}, [seed], 0.5)
+
+
+def test_report_files_and_tables(tmp_path) -> None:
+    import json
+
+    from milkit.assumptions.report import markdown_table, save_report, text_table
+
+    results = [
+        _fake_result("abmil", "t1", FAIL, False),
+        _fake_result("mi-net", "t1", PASS, True),
+        _fake_result("abmil", "t2", ERROR, False),
+    ]
+    results[2].test_auc = float("nan")
+    paths = save_report(results, tmp_path, config={"delta": 0.1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "report.csv",
+        "report.json",
+        "report.md",
+        "report.png",
+    ]
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+    data = json.loads(paths["json"].read_text())  # strict JSON: NaN written as null
+    assert data["results"][2]["test_auc"] is None
+    assert data["results"][0]["per_seed"][0]["train_auc"] == 1.0
+    csv_lines = paths["csv"].read_text().splitlines()
+    assert csv_lines[0].startswith("model,test,verdict") and len(csv_lines) == 4
+    md = markdown_table(results)
+    assert "| `abmil` | no |" in md and "1.000 / 0.100 [0.000, 0.200] FAIL" in md
+    assert "mi-net *" in text_table(results)
+
+
+def test_cli_check_writes_report_and_exit_codes(tmp_path, monkeypatch, capsys) -> None:
+    from milkit import cli
+    from milkit.assumptions import runner
+
+    argv = ["check", "--model", "mi-net", "--tests", "t1", "--seeds", "1", "--num-train", "30"]
+    argv += ["--num-test", "30", "--epochs", "1", "--out", str(tmp_path / "a"), "--quiet"]
+    code = cli.main(argv)
+    out = capsys.readouterr().out
+    assert "mi-net *" in out and (tmp_path / "a" / "report.md").exists()
+    md = (tmp_path / "a" / "report.md").read_text()
+    assert "Property checks" in md and "monotone_poison" in md
+    assert code == 0
+
+    # a mil_respecting model that FAILS makes the command exit 1
+    monkeypatch.setattr(
+        runner,
+        "run_checks",
+        lambda names, cfg, progress: [_fake_result("mi-net", "t1", FAIL, True)],
+    )
+    argv[-2] = str(tmp_path / "b")
+    assert cli.main([*argv, "--no-properties"]) == 1
+    assert "marked mil_respecting but failed t1" in capsys.readouterr().err
+
+
+def test_cli_check_rejects_unknown_model_and_empty_selection(capsys) -> None:
+    from milkit import cli
+
+    assert cli.main(["check", "--model", "mi-nett"]) == 2
+    err = capsys.readouterr().err
+    assert "mi-nett" in err and "mi-net" in err
+    assert cli.main(["check"]) == 2
+    assert "--all" in capsys.readouterr().err
