@@ -1,0 +1,512 @@
+"""``milkit demo``: the whole product end to end on a synthetic cohort, offline, in minutes.
+
+Stages (each reuses its finished output when the demo is rerun into the same folder)::
+
+    OUT/slides/   synthetic slides (+ ground-truth masks), labels.csv, cohort.json
+    OUT/bags/     one <slide_id>.h5 per slide (fast weight-free encoder), qc/, manifest.csv
+    OUT/labels.csv  the training table: slides whose bag is complete
+    OUT/run/      grouped k-fold cross-validation (inner validation split, early stopping)
+    OUT/check/    MIL assumption checks of the chosen model (results.json, results.csv)
+    OUT/report/   index.html + report.md + img/ (metrics, ROC, QC, heatmaps, checks)
+
+About half of the slides carry planted tumour regions covering a few percent of the tissue; the
+label is "tumour" or "normal". Because the tumour masks are known, the report can show how much
+of the model's top-decile attention lands on tumour tiles compared with chance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from milkit.atomic import atomic_write_text
+from milkit.errors import MilkitError
+
+# Demo defaults, sized for < 5 minutes on 2 CPU cores (see module docstring of milkit.commands.demo)
+DEFAULT_SLIDES = 24
+DEFAULT_SIZE = 4096  # level-0 px per side at 0.5 µm/px: ~100-160 tissue tiles of 256 px
+DEFAULT_EPOCHS = 20
+TUMOUR_FRACTION = 0.03  # planted tumour share of the tissue: "a few percent", as in real slides
+SLIDE_MPP = 0.5  # 20x scan
+STAGES = ("slides", "bags", "run", "check", "report")
+
+# Lean recipe of the assumption checks inside the demo (the full `milkit check` uses more seeds
+# and larger draws): one seed, 150 + 150 bags, 20 epochs, 200 bootstrap resamples.
+CHECK_KW = {
+    "seeds": (0,),
+    "num_train": 150,
+    "num_test": 150,
+    "epochs": 20,
+    "patience": 5,
+    "n_boot": 200,
+}
+
+
+@dataclass
+class DemoResult:
+    """Everything the demo produced: folders, per-fold and summary metrics, checks, timings."""
+
+    out_dir: Path
+    index_html: Path
+    report_md: Path
+    model: str
+    n_slides: int
+    class_names: list[str]
+    fold_metrics: list[dict[str, Any]]
+    summary: dict[str, dict[str, float]]
+    localisation: dict[str, float]
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    properties: list[dict[str, Any]] = field(default_factory=list)
+    failed_slides: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)
+
+    @property
+    def wall_seconds(self) -> float:
+        return float(sum(self.stage_seconds.values()))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("out_dir", "index_html", "report_md"):
+            out[key] = str(out[key])
+        out["wall_seconds"] = self.wall_seconds
+        return out
+
+    def format(self) -> str:
+        """The short summary table printed at the end of ``milkit demo``."""
+        lines = [f"milkit demo: {self.model} on {self.n_slides} synthetic slides"]
+        names = {
+            "auc": "AUC",
+            "accuracy": "accuracy",
+            "balanced_accuracy": "balanced acc.",
+            "f1_macro": "F1 (macro)",
+        }
+        head = f"  {'metric':<15}" + "".join(
+            f"{'fold ' + str(m.get('fold')):>9}" for m in self.fold_metrics
+        )
+        lines.append(head + f"{'mean ± std':>17}")
+        for key, label in names.items():
+            row = f"  {label:<15}" + "".join(f"{_num(m.get(key)):>9}" for m in self.fold_metrics)
+            s = self.summary.get(key, {})
+            row += f"{_num(s.get('mean')) + ' ± ' + _num(s.get('std')):>17}"
+            lines.append(row)
+        loc = self.localisation
+        if loc.get("slides"):
+            lines.append(
+                f"  top-decile attention on tumour tiles: {loc['top_hit_rate']:.0%} "
+                f"(chance {loc['chance']:.0%}, {loc['enrichment']:.1f}x) over "
+                f"{loc['slides']} tumour slides"
+            )
+        if self.checks:
+            verdicts = ", ".join(f"{c['test']}: {c['verdict']}" for c in self.checks)
+            lines.append(f"  MIL assumption checks: {verdicts}")
+        if self.failed_slides:
+            lines.append(f"  slides that failed preprocessing: {', '.join(self.failed_slides)}")
+        timing = ", ".join(f"{k} {v:.0f}s" for k, v in self.stage_seconds.items())
+        lines.append(f"  time: {self.wall_seconds:.0f}s ({timing})")
+        lines.append(f"report: {self.index_html.resolve()}")
+        return "\n".join(lines)
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{v:.{digits}f}" if math.isfinite(v) else "n/a"
+
+
+def _json(value: Any) -> str:
+    def default(o: Any) -> Any:
+        if hasattr(o, "item"):
+            return o.item()
+        if isinstance(o, (Path, tuple)):
+            return str(o) if isinstance(o, Path) else list(o)
+        raise TypeError(type(o).__name__)
+
+    return json.dumps(value, indent=2, default=default) + "\n"
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def validate_options(n_slides: int, slide_size: int, folds: int, epochs: int, model: str) -> None:
+    """Everything checkable before any work: sizes, fold count, and the model name."""
+    import models
+
+    if folds < 2:
+        raise MilkitError("the demo needs at least 2 folds", value=folds, hint="Use --folds 2")
+    if n_slides < 4 * folds:
+        raise MilkitError(
+            f"too few slides for {folds} folds (each test fold needs tumour and normal slides, "
+            "and each training part an inner validation set)",
+            value=n_slides,
+            hint=f"Use --slides {4 * folds} or more, or fewer --folds",
+        )
+    if not 1024 <= slide_size <= 65536:
+        raise MilkitError(
+            "slide size must be within 1024–65536 px",
+            value=slide_size,
+            hint=f"The default {DEFAULT_SIZE} fits the demo's time budget",
+        )
+    if epochs < 1:
+        raise MilkitError("epochs must be at least 1", value=epochs)
+    try:
+        models.get_entry(model)
+    except KeyError as err:
+        raise MilkitError(str(err).strip("'\""), value=model) from None
+
+
+def _clear(out_dir: Path) -> None:
+    """``--overwrite``: remove the demo's own stage folders (and nothing else) under OUT."""
+    for name in STAGES:
+        target = out_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+    (out_dir / "labels.csv").unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+def make_cohort(slides_dir: Path, n_slides: int, size: int, seed: int) -> bool:
+    """Stage 1: synthetic slides + labels.csv; returns True when an existing cohort was reused."""
+    import pandas as pd
+
+    from feature_extraction.synthetic import make_synthetic_cohort, masks_path_for
+
+    params = {
+        "n_slides": n_slides,
+        "size": size,
+        "seed": seed,
+        "tumour_fraction": TUMOUR_FRACTION,
+        "mpp": SLIDE_MPP,
+    }
+    marker = slides_dir / "cohort.json"
+    if marker.is_file():
+        try:
+            old = json.loads(marker.read_text())
+        except json.JSONDecodeError:
+            old = None
+        if old != params:
+            raise MilkitError(
+                "the slides folder holds a cohort made with other settings",
+                value=old,
+                path=slides_dir,
+                hint="Rerun with the same --slides/--size/--seed, add --overwrite, or use "
+                "another --out",
+            )
+        labels = slides_dir / "labels.csv"
+        if labels.is_file():
+            table = pd.read_csv(labels)
+            paths = [slides_dir / f"{sid}.svs" for sid in table.get("slide_id", [])]
+            if len(paths) == n_slides and all(
+                p.is_file() and masks_path_for(p).is_file() for p in paths
+            ):
+                return True
+    make_synthetic_cohort(
+        slides_dir,
+        n_slides,
+        size=(size, size),
+        tumour_fraction=TUMOUR_FRACTION,
+        seed=seed,
+        mpp=SLIDE_MPP,
+    )
+    atomic_write_text(marker, _json(params))
+    return False
+
+
+def extract_bags(slides_dir: Path, bags_dir: Path, encoder: str, progress: bool) -> Any:
+    """Stage 2: ``feature_extraction.extract.preprocess`` (complete bags are skipped)."""
+    from feature_extraction.extract import ExtractConfig, preprocess
+
+    # Reader workers cost a process start each; the demo's slides are small, so tiles are
+    # read in the main process (measured faster on 2 cores).
+    config = ExtractConfig(encoder=encoder, num_workers=0, progress=progress, qc=True)
+    return preprocess([slides_dir], bags_dir, config)
+
+
+def training_table(slides_dir: Path, bags_dir: Path, out_csv: Path, ok_ids: set[str]) -> Any:
+    """The labels of slides whose bag is complete, written to ``out_csv``; the LabelTable."""
+    import pandas as pd
+
+    from milkit.data import load_labels
+
+    cohort = pd.read_csv(slides_dir / "labels.csv")
+    keep = cohort[cohort["slide_id"].astype(str).isin(ok_ids)]
+    atomic_write_text(out_csv, keep[["slide_id", "label", "case_id"]].to_csv(index=False))
+    return load_labels(out_csv, bags_dir)
+
+
+def train_config(model: str, epochs: int, seed: int, max_instances: int | None, progress: bool):
+    """The demo's training recipe: milkit defaults with a short schedule and early stopping."""
+    from milkit.train import TrainConfig
+
+    return TrainConfig.for_model(
+        model,
+        "default",
+        epochs=epochs,
+        lr=1e-3,  # a short schedule on 16-bag training sets needs a larger step than 2e-4
+        patience=max(3, epochs // 3),
+        min_epochs=min(epochs, 5),
+        monitor="val_loss",  # 2-3 validation slides per fold make val AUC too coarse to select on
+        seed=seed,
+        max_instances=max_instances,
+        progress=progress,
+    )
+
+
+def _check_existing_run(run_dir: Path, model: str, folds: int, config: Any) -> None:
+    run_file = run_dir / "run.json"
+    if not run_file.is_file():
+        return
+    try:
+        old = json.loads(run_file.read_text())
+    except json.JSONDecodeError:
+        old = {}
+    old_cfg = old.get("train_config", {})
+    new_cfg = config.to_dict()
+    same = old.get("model_name") == model and old.get("folds") == folds
+    same = same and all(old_cfg.get(k) == new_cfg[k] for k in new_cfg if k != "progress")
+    if not same:
+        raise MilkitError(
+            "the run folder holds a run with other settings",
+            value={
+                "model": old.get("model_name"),
+                "folds": old.get("folds"),
+                "epochs": old_cfg.get("epochs"),
+                "seed": old_cfg.get("seed"),
+            },
+            path=run_dir,
+            hint="Rerun with the same --model/--folds/--epochs/--seed, add --overwrite, or use "
+            "another --out",
+        )
+
+
+def _is_oom(err: BaseException) -> bool:
+    import torch
+
+    oom_type = getattr(torch, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(err, oom_type):
+        return True
+    return isinstance(err, (RuntimeError, MemoryError)) and (
+        isinstance(err, MemoryError) or "out of memory" in str(err).lower()
+    )
+
+
+def train_cv(table: Any, model: str, config: Any, run_dir: Path, folds: int) -> Any:
+    """Stage 3: ``milkit.cv.cross_validate`` (finished folds are reused); OOM → a clear hint."""
+    from milkit.cv import cross_validate
+
+    _check_existing_run(run_dir, model, folds, config)
+    try:
+        return cross_validate(table, model, config, run_dir, folds=folds, resume=True)
+    except Exception as err:
+        if not _is_oom(err):
+            raise
+        raise MilkitError(
+            f"out of memory while training {model} ({type(err).__name__})",
+            path=run_dir,
+            hint="Subsample big bags with --max-instances 4096 (or smaller), use a smaller "
+            "model, or run on a machine with more memory; finished folds are kept on rerun",
+        ) from err
+
+
+def run_checks_stage(model: str, check_dir: Path, progress: bool) -> tuple[list, list, bool]:
+    """Stage 4: lean MIL assumption tests + structural property checks → ``check_dir``."""
+    import models
+    from milkit.assumptions.properties import check_properties
+    from milkit.assumptions.runner import CheckConfig, check_overrides, run_checks
+
+    results_file = check_dir / "results.json"
+    settings = {"model": models.get_entry(model).name, **CHECK_KW}
+    if results_file.is_file():
+        try:
+            old = json.loads(results_file.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("settings") == json.loads(_json(settings)):
+            return old["tests"], old["properties"], True
+    cfg = CheckConfig(**CHECK_KW)
+    tests = [r.to_dict() for r in run_checks([model], cfg, progress=progress)]
+    net = models.create(model, cfg.dim, 2, **check_overrides(model, cfg))
+    report = check_properties(net, name=model, dim=cfg.dim, trials=32, seed=0)
+    props = [
+        {
+            "property": p.name,
+            "claimed": p.claimed,
+            "trials": p.trials,
+            "violations": p.violations,
+            "rate": p.rate,
+            "ok": p.ok,
+            "error": p.error,
+        }
+        for p in report.results
+    ]
+    check_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(
+        results_file, _json({"settings": settings, "tests": tests, "properties": props})
+    )
+    import pandas as pd
+
+    cols = ["model", "test", "verdict", "train_auc", "test_auc", "ci_low", "ci_high", "error"]
+    atomic_write_text(check_dir / "results.csv", pd.DataFrame(tests)[cols].to_csv(index=False))
+    return tests, props, False
+
+
+# ---------------------------------------------------------------------------- the demo
+
+
+def _logger(progress: bool) -> Callable[[str], None]:
+    def log(message: str) -> None:
+        if progress:
+            print(message, file=sys.stderr, flush=True)
+
+    return log
+
+
+def run_demo(
+    out_dir: str | Path,
+    *,
+    n_slides: int = DEFAULT_SLIDES,
+    slide_size: int = DEFAULT_SIZE,
+    model: str = "abmil",
+    folds: int = 3,
+    epochs: int = DEFAULT_EPOCHS,
+    encoder: str = "fast",
+    seed: int = 0,
+    check: bool = True,
+    progress: bool = True,
+    overwrite: bool = False,
+    max_instances: int | None = None,
+) -> DemoResult:
+    """Synthetic cohort → bags → cross-validated model → checks → report folder.
+
+    Args:
+        out_dir: the demo folder (created; reruns reuse finished stages).
+        n_slides: synthetic slides (half tumour, half normal; each its own case).
+        slide_size: level-0 side of each square slide in px (0.5 µm/px).
+        model: registered aggregator (``milkit models``).
+        folds: k of the grouped, stratified k-fold cross-validation.
+        epochs: maximum training epochs per fold (early stopping on validation loss).
+        encoder: patch encoder for preprocessing (``fast`` needs no weights).
+        seed: seeds the cohort, the splits and training.
+        check: run the MIL assumption checks of ``model``.
+        progress: stage messages and progress bars on stderr.
+        overwrite: delete the demo's stage folders under ``out_dir`` first.
+        max_instances: subsample training bags to this many tiles (memory).
+
+    Returns a :class:`DemoResult`; ``result.format()`` is the summary the CLI prints.
+    """
+    validate_options(n_slides, slide_size, folds, epochs, model)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MilkitError("--out must be a folder", path=out_dir, hint="Choose another --out")
+    if overwrite:
+        _clear(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = _logger(progress)
+    times: dict[str, float] = {}
+    reused: list[str] = []
+    slides_dir, bags_dir = out_dir / "slides", out_dir / "bags"
+    run_dir, check_dir = out_dir / "run", out_dir / "check"
+    config = train_config(model, epochs, seed, max_instances, progress)
+
+    t0 = time.perf_counter()
+    log(f"[1/5] synthetic cohort: {n_slides} slides of {slide_size} px -> {slides_dir}")
+    if make_cohort(slides_dir, n_slides, slide_size, seed):
+        reused.append("slides")
+        log("      reusing the existing slides")
+    times["slides"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log(f"[2/5] preprocessing with the {encoder!r} encoder -> {bags_dir}")
+    extraction = extract_bags(slides_dir, bags_dir, encoder, progress)
+    log("      " + extraction.format().replace("\n", "\n      "))
+    ok_ids = {r.slide_id for r in extraction.results if r.status in ("ok", "skipped")}
+    failed = sorted(r.slide_id for r in extraction.failed)
+    if extraction.count("ok") == 0:
+        reused.append("bags")
+    if failed and len(ok_ids) < 4 * folds:
+        raise MilkitError(
+            f"{len(failed)} of {n_slides} slides failed preprocessing; too few bags left",
+            value=failed[:5],
+            path=bags_dir / "manifest.csv",
+            hint="See the error column of the manifest; rerun the demo to retry them, "
+            "or --overwrite to start again",
+        )
+    times["bags"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log(f"[3/5] {folds}-fold cross-validation of {model} -> {run_dir}")
+    table = training_table(slides_dir, bags_dir, out_dir / "labels.csv", ok_ids)
+    done_before = all((run_dir / f"fold_{k}" / "metrics.json").is_file() for k in range(folds))
+    cv = train_cv(table, model, config, run_dir, folds)
+    if done_before:
+        reused.append("run")
+    times["run"] = time.perf_counter() - t0
+
+    tests: list = []
+    props: list = []
+    if check:
+        t0 = time.perf_counter()
+        log(f"[4/5] MIL assumption checks of {model} -> {check_dir}")
+        tests, props, was_reused = run_checks_stage(model, check_dir, progress)
+        if was_reused:
+            reused.append("check")
+        times["check"] = time.perf_counter() - t0
+    else:
+        log("[4/5] MIL assumption checks skipped (--no-check)")
+
+    t0 = time.perf_counter()
+    log(f"[5/5] report -> {out_dir / 'report'}")
+    from milkit.report.demo_report import build_report
+
+    built = build_report(
+        out_dir,
+        table=table,
+        cv=cv,
+        model=model,
+        tests=tests,
+        properties=props,
+        failed_slides=failed,
+        settings={
+            "slides": n_slides,
+            "size": slide_size,
+            "folds": folds,
+            "epochs": epochs,
+            "encoder": encoder,
+            "seed": seed,
+            "tumour_fraction": TUMOUR_FRACTION,
+        },
+        stage_seconds=times,
+    )
+    times["report"] = time.perf_counter() - t0
+    result = DemoResult(
+        out_dir=out_dir,
+        index_html=built.index_html,
+        report_md=built.report_md,
+        model=model,
+        n_slides=len(table),
+        class_names=list(table.class_names),
+        fold_metrics=list(cv.folds),
+        summary=dict(cv.summary),
+        localisation=dict(built.localisation),
+        checks=tests,
+        properties=props,
+        failed_slides=failed,
+        stage_seconds=times,
+        reused=reused,
+    )
+    atomic_write_text(out_dir / "report" / "summary.json", _json(result.to_dict()))
+    return result
+
+
+__all__ = ["DemoResult", "run_demo", "validate_options"]

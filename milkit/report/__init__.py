@@ -1,0 +1,1 @@
+"""HTML + Markdown reports (the ``milkit demo`` report and its building blocks)."""

@@ -1,0 +1,307 @@
+"""``milkit demo``: a tiny end-to-end run (library + CLI), resume, user errors, report pieces."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import milkit.demo as demo
+from milkit.cli import main
+from milkit.errors import MilkitError
+from milkit.report.attention import outline_mask, summarise_localisation, tumour_localisation
+from milkit.report.document import (
+    Document,
+    Figure,
+    Figures,
+    Heading,
+    Paragraph,
+    Table,
+    image_sources,
+    to_html,
+    to_markdown,
+)
+
+TINY = {"n_slides": 8, "slide_size": 2048, "folds": 2, "epochs": 4}
+TINY_CHECK = {
+    "seeds": (0,),
+    "num_train": 40,
+    "num_test": 40,
+    "epochs": 2,
+    "patience": None,
+    "n_boot": 50,
+}
+TINY_ARGS = ["--slides", "8", "--size", "2048", "--folds", "2", "--epochs", "4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory: pytest.TempPathFactory):
+    """One tiny demo (8 slides of 2048 px, 2 folds, 4 epochs, demo-sized checks made tinier)."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(demo, "CHECK_KW", TINY_CHECK)
+    try:
+        result = demo.run_demo(out, progress=False, **TINY)
+    finally:
+        mp.undo()
+    return out, result
+
+
+def _html_images(index: Path) -> list[str]:
+    return re.findall(r'<img src="([^"]+)"', index.read_text(encoding="utf-8"))
+
+
+@pytest.mark.slow
+def test_tiny_demo_writes_every_stage(tiny_demo) -> None:
+    out, result = tiny_demo
+    print("stage seconds", result.stage_seconds)
+    assert len(list((out / "slides").glob("*.svs"))) == 8
+    assert len(list((out / "bags").glob("*.h5"))) == 8
+    assert len(list((out / "bags" / "qc").glob("*.png"))) == 8
+    for k in (0, 1):
+        assert (out / "run" / f"fold_{k}" / "best.pt").is_file()
+        assert (out / "run" / f"fold_{k}" / "predictions.csv").is_file()
+    assert (out / "run" / "summary.csv").is_file()
+    checks = json.loads((out / "check" / "results.json").read_text())
+    assert [t["test"] for t in checks["tests"]] == ["t1", "t2", "t3"]
+    assert {t["verdict"] for t in checks["tests"]} <= {"PASS", "FAIL", "DID NOT LEARN", "ERROR"}
+    assert {p["property"] for p in checks["properties"]} >= {"permutation", "padding"}
+    labels = (out / "labels.csv").read_text().splitlines()
+    assert labels[0] == "slide_id,label,case_id" and len(labels) == 9
+    assert result.reused == []
+
+
+@pytest.mark.slow
+def test_report_links_only_existing_images(tiny_demo) -> None:
+    out, result = tiny_demo
+    index = out / "report" / "index.html"
+    assert result.index_html == index and index.is_file()
+    assert (out / "report" / "report.md").is_file()
+    srcs = _html_images(index)
+    names = {Path(s).name for s in srcs}
+    assert "roc.png" in names
+    assert any(n.startswith("heatmap_") for n in names)
+    assert any(n.startswith("qc_") for n in names)
+    for src in srcs:
+        assert not src.startswith(("/", "http")), src  # relative: the folder moves as a whole
+        png = out / "report" / src
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", src
+    md_links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (out / "report" / "report.md").read_text())
+    assert sorted(md_links) == sorted(srcs)
+
+
+@pytest.mark.slow
+def test_metrics_and_localisation_are_reported(tiny_demo) -> None:
+    out, result = tiny_demo
+    assert [m["fold"] for m in result.fold_metrics] == [0, 1]
+    assert sum(m["n"] for m in result.fold_metrics) == 8  # every slide tested exactly once
+    for key in ("auc", "accuracy", "balanced_accuracy", "f1_macro"):
+        assert key in result.summary
+        assert 0.0 <= result.summary[key]["mean"] <= 1.0
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["summary"]["auc"]["mean"] == pytest.approx(result.summary["auc"]["mean"])
+    assert summary["class_names"] == ["normal", "tumour"]
+    loc = result.localisation
+    assert loc["slides"] == 4  # the four tumour slides, all with tumour tiles
+    assert 0.0 < loc["chance"] < 0.5
+    assert 0.0 <= loc["top_hit_rate"] <= loc["best_possible"] <= 1.0
+    html = (out / "report" / "index.html").read_text()
+    for label in ("AUC", "Balanced accuracy", "F1 (macro)", "mean ± std", "t1", "t3"):
+        assert label in html
+    text = result.format()
+    assert "mean ± std" in text and str(result.index_html.resolve()) in text
+
+
+@pytest.mark.slow
+def test_cli_rerun_reuses_every_stage(tiny_demo, capsys, monkeypatch) -> None:
+    out, _ = tiny_demo
+    monkeypatch.setattr(demo, "CHECK_KW", TINY_CHECK)
+    slide = out / "slides" / "synth_000.svs"
+    best = out / "run" / "fold_0" / "best.pt"
+    before = (slide.stat().st_mtime_ns, best.stat().st_mtime_ns)
+    capsys.readouterr()
+    code = main(["demo", "--out", str(out), *TINY_ARGS, "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"report: {(out / 'report' / 'index.html').resolve()}" in captured.out
+    assert re.search(r"AUC\s+\S+\s+\S+\s+\S+ ± \S+", captured.out)
+    assert (slide.stat().st_mtime_ns, best.stat().st_mtime_ns) == before
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert set(summary["reused"]) == {"slides", "bags", "run", "check"}
+
+
+@pytest.mark.slow
+def test_cli_rerun_with_other_settings_says_what_to_do(tiny_demo, capsys) -> None:
+    out, _ = tiny_demo
+    code = main(["demo", "--out", str(out), *TINY_ARGS, "--seed", "3", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "other settings" in err and "--overwrite" in err and str(out / "slides") in err
+
+
+def test_model_typo_fails_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(MilkitError, match="Did you mean: abmil") as info:
+        demo.run_demo(tmp_path / "out", model="abmill", progress=False)
+    assert "milkit models" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_slides": 5, "folds": 2}, "--slides 8"),
+        ({"folds": 1}, "at least 2 folds"),
+        ({"slide_size": 100}, "slide size"),
+        ({"epochs": 0}, "epochs"),
+    ],
+)
+def test_bad_options_explain_the_fix(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(MilkitError, match=re.escape(message)):
+        demo.run_demo(tmp_path / "out", progress=False, **kwargs)
+
+
+def test_out_of_memory_in_training_gives_a_hint(monkeypatch, tmp_path: Path) -> None:
+    import torch
+
+    import milkit.cv
+
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(milkit.cv, "cross_validate", boom)
+    config = demo.train_config("abmil", 3, 0, None, False)
+    with pytest.raises(MilkitError, match="--max-instances") as info:
+        demo.train_cv(None, "abmil", config, tmp_path / "run", 2)
+    assert "out of memory" in str(info.value)
+
+    def other(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(milkit.cv, "cross_validate", other)
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # not disguised as an OOM
+        demo.train_cv(None, "abmil", config, tmp_path / "run", 2)
+
+
+def test_is_oom_recognises_cpu_and_cuda_messages() -> None:
+    assert demo._is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert demo._is_oom(
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: "
+            "can't allocate memory: you tried... out of memory"
+        )
+    )
+    assert demo._is_oom(MemoryError())
+    assert not demo._is_oom(RuntimeError("expected scalar type Float"))
+    assert not demo._is_oom(ValueError("out of memory"))
+
+
+# ---------------------------------------------------------------------------- attention vs tumour
+
+
+def test_localisation_numbers_on_a_hand_made_bag() -> None:
+    n = 40
+    cov = np.zeros(n)
+    cov[[3, 17]] = [1.0, 0.5]  # two tumour tiles
+    cov[25] = 0.05  # a clipped corner: below the 10 % rule, not a tumour tile
+    att = np.full(n, 0.1)
+    att[[3, 17]] = [5.0, 4.0]
+    att /= att.sum()
+    loc = tumour_localisation("s", att, cov)
+    assert (loc.n_tiles, loc.n_tumour_tiles, loc.top_k) == (40, 2, 4)
+    assert loc.top_hit_rate == pytest.approx(0.5)  # 2 of the top 4
+    assert loc.best_possible == pytest.approx(0.5)
+    assert loc.chance == pytest.approx(2 / 40)
+    assert loc.enrichment == pytest.approx(10.0)
+    assert loc.attention_mass == pytest.approx(9.0 / (9.0 + 38 * 0.1))
+
+
+def test_localisation_multihead_is_averaged_and_lengths_checked() -> None:
+    cov = np.array([0.0, 0.0, 1.0, 0.0])
+    heads = np.array([[0.0, 0.0, 1.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    loc = tumour_localisation("s", heads, cov)
+    assert loc.top_k == 1 and loc.top_hit_rate == 1.0 and loc.attention_mass == pytest.approx(0.5)
+    with pytest.raises(MilkitError, match="differ in length"):
+        tumour_localisation("s", np.ones(3), cov)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 200), st.integers(0, 2**31 - 1))
+def test_random_attention_hits_at_most_best_possible(n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    cov = rng.uniform(0, 1, n) * (rng.uniform(0, 1, n) < 0.2)
+    att = rng.dirichlet(np.ones(n))
+    loc = tumour_localisation("s", att, cov)
+    assert loc.top_k == max(1, math.ceil(0.1 * n))
+    assert 0.0 <= loc.top_hit_rate <= loc.best_possible <= 1.0
+    # attention that ranks every tumour tile first reaches the best possible hit rate
+    perfect = tumour_localisation("s", att + 10.0 * (cov >= 0.1), cov)
+    assert perfect.top_hit_rate == pytest.approx(perfect.best_possible)
+
+
+def test_summary_skips_slides_without_tumour_tiles() -> None:
+    a = tumour_localisation("a", np.array([1.0, 0.0]), np.array([1.0, 0.0]))
+    b = tumour_localisation("b", np.array([0.5, 0.5]), np.array([0.0, 0.0]))
+    s = summarise_localisation([a, b])
+    assert s["slides"] == 1 and s["top_hit_rate"] == 1.0 and s["enrichment"] == 2.0
+    assert summarise_localisation([b]) == {"slides": 0}
+
+
+def test_outline_is_drawn_where_the_mask_is(tmp_path: Path) -> None:
+    import cv2
+
+    png = tmp_path / "h.png"
+    img = np.full((120, 150, 3), 128, dtype=np.uint8)  # 100 x 100 heatmap + a side panel
+    cv2.imwrite(str(png), img)
+    mask = np.zeros((10, 10), dtype=bool)
+    mask[2:5, 6:9] = True  # level-0 (x 600-900, y 200-500) with 100-px mask pixels
+    outline_mask(png, mask, 100, (1000, 1000), (100, 100))
+    out = cv2.imread(str(png))
+    changed = np.argwhere(np.any(out != 128, axis=2))
+    assert len(changed) > 0
+    ys, xs = changed[:, 0], changed[:, 1]
+    assert xs.min() >= 55 and xs.max() <= 95 and ys.min() >= 15 and ys.max() <= 55
+    assert np.all(out[:, 100:] == 128)  # the colour-bar panel is untouched
+
+
+# ---------------------------------------------------------------------------- the document
+
+
+def test_document_renders_the_same_content_twice() -> None:
+    doc = Document("T <1>")
+    doc.add(
+        Heading("Metrics"),
+        Paragraph("run `milkit demo` & see"),
+        Table(["a", "b|c"], [["1", "PASS"], ["x", "FAIL"]], emph_rows=frozenset({1})),
+        Figures([Figure("img/r.png", "ROC <pooled>", width=300)]),
+    )
+    html = to_html(doc)
+    assert "<title>T &lt;1&gt;</title>" in html
+    assert "<code>milkit demo</code> &amp; see" in html
+    assert '<td class="pass">PASS</td>' in html and '<tr class="emph">' in html
+    assert '<img src="img/r.png" width="300" alt="ROC &lt;pooled&gt;">' in html
+    assert "http" not in html.split("<body>")[0].replace("http-equiv", "")  # nothing fetched
+    md = to_markdown(doc)
+    assert md.startswith("# T <1>\n")
+    assert "| a | b\\|c |" in md and "| **x** | **FAIL** |" in md
+    assert "![ROC <pooled>](img/r.png)" in md
+    assert image_sources(doc) == ["img/r.png"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(st.text(max_size=12), min_size=3, max_size=3), max_size=5))
+def test_any_cell_text_keeps_tables_well_formed(rows: list[list[str]]) -> None:
+    doc = Document("t", [Table(["x", "y", "z"], rows)])
+    html = to_html(doc)
+    body = html.split("<table>")[1].split("</table>")[0]
+    assert body.count("<tr") == len(rows) + 1
+    assert body.count("<td") == 3 * len(rows)
+    md_rows = [line for line in to_markdown(doc).splitlines() if line.startswith("|")]
+    assert len(md_rows) == len(rows) + 2
+    for line in md_rows:
+        assert len(re.findall(r"(?<!\\)\|", line)) == 4  # 3 cells, no cell splits a row
