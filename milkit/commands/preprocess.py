@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--precision",
         default="auto",
         choices=("auto", "fp32", "fp16", "bf16"),
-        help="autocast precision (auto: encoder default on CUDA, bf16 on CPU)",
+        help="autocast precision (auto: encoder default on CUDA; bf16 on CPUs with native bf16)",
     )
     enc.add_argument("--float16", action="store_true", help="store features as float16")
     tiles = p.add_argument_group("tiles")

@@ -106,7 +106,7 @@ def test_resnet50_trunc_loads_local_checkpoint(tmp_path, fmt):
     feats = enc(x)
     assert feats.shape == (1, 1024) and feats.dtype == torch.float32
     torch.testing.assert_close(feats, _reference_resnet_trunc(sd, x), rtol=1e-4, atol=1e-4)
-    # bf16 autocast (the CPU default) stays close to fp32.
+    # bf16 autocast (the CPU default where bf16 is native) stays close to fp32.
     enc.precision = "bf16"
     rel = (enc(x) - feats).norm() / feats.norm()
     assert rel < 0.05
