@@ -47,6 +47,13 @@ SMALL_WIDTH = 64
 SMALL_OVERRIDES: dict[str, dict[str, Any]] = {
     "mi-net": {"hidden": (64, 32), "dropout": 0.0},
     "threshold-mil": {"hidden": (64, 32)},  # num_concepts stays 6
+    # Nystrom attention: landmarks scale with the width (official: dim // 2 = 256 for 512)
+    "transmil": {"dim": 64, "num_landmarks": 32},
+    "mhim-transmil": {"dim": 64, "num_landmarks": 32},
+    # wrappers around a base aggregator: shrink the base through base_kwargs
+    "aem": {"base_kwargs": {"fc_dim": 64, "attn_dim": 64}},
+    "scmil": {"proj_dim": 64, "base_kwargs": {"fc_dim": 64, "attn_dim": 64}},
+    "scmil-abmil": {"proj_dim": 64, "base_kwargs": {"fc_dim": 64, "attn_dim": 64}},
 }
 # Parameter names treated as layer widths by the generic rule (exact names or suffixes).
 _WIDTH_NAMES = ("dim", "hidden", "width", "size", "d_model", "channels")
