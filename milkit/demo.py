@@ -64,7 +64,7 @@ class DemoResult:
     localisation: dict[str, float]
     checks: list[dict[str, Any]] = field(default_factory=list)
     properties: list[dict[str, Any]] = field(default_factory=list)
-    failed_slides: list[str] = field(default_factory=list)
+    failed_slides: dict[str, str] = field(default_factory=dict)  # slide id -> why left out
     stage_seconds: dict[str, float] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
 
@@ -108,7 +108,8 @@ class DemoResult:
             verdicts = ", ".join(f"{c['test']}: {c['verdict']}" for c in self.checks)
             lines.append(f"  MIL assumption checks: {verdicts}")
         if self.failed_slides:
-            lines.append(f"  slides that failed preprocessing: {', '.join(self.failed_slides)}")
+            left = ", ".join(self.failed_slides)
+            lines.append(f"  slides left out: {left} (see bags/manifest.csv)")
         timing = ", ".join(f"{k} {v:.0f}s" for k, v in self.stage_seconds.items())
         lines.append(f"  time: {self.wall_seconds:.0f}s ({timing})")
         lines.append(f"report: {self.index_html.resolve()}")
@@ -137,9 +138,12 @@ def _json(value: Any) -> str:
 # ---------------------------------------------------------------------------- validation
 
 
-def validate_options(n_slides: int, slide_size: int, folds: int, epochs: int, model: str) -> None:
-    """Everything checkable before any work: sizes, fold count, and the model name."""
+def validate_options(
+    n_slides: int, slide_size: int, folds: int, epochs: int, model: str, encoder: str = "fast"
+) -> None:
+    """Everything checkable before any work: sizes, fold count, model and encoder names."""
     import models
+    from feature_extraction.encoders.registry import get_encoder_cfg
 
     if folds < 2:
         raise MilkitError("the demo needs at least 2 folds", value=folds, hint="Use --folds 2")
@@ -162,6 +166,7 @@ def validate_options(n_slides: int, slide_size: int, folds: int, epochs: int, mo
         models.get_entry(model)
     except KeyError as err:
         raise MilkitError(str(err).strip("'\""), value=model) from None
+    get_encoder_cfg(encoder)  # unknown names raise with close matches
 
 
 def _clear(out_dir: Path) -> None:
@@ -205,7 +210,10 @@ def make_cohort(slides_dir: Path, n_slides: int, size: int, seed: int) -> bool:
             )
         labels = slides_dir / "labels.csv"
         if labels.is_file():
-            table = pd.read_csv(labels)
+            try:
+                table = pd.read_csv(labels)
+            except (ValueError, OSError):  # damaged labels file: make the cohort again
+                table = pd.DataFrame()
             paths = [slides_dir / f"{sid}.svs" for sid in table.get("slide_id", [])]
             if len(paths) == n_slides and all(
                 p.is_file() and masks_path_for(p).is_file() for p in paths
@@ -231,6 +239,20 @@ def extract_bags(slides_dir: Path, bags_dir: Path, encoder: str, progress: bool)
     # read in the main process (measured faster on 2 cores).
     config = ExtractConfig(encoder=encoder, num_workers=0, progress=progress, qc=True)
     return preprocess([slides_dir], bags_dir, config)
+
+
+def usable_bags(extraction: Any) -> tuple[set[str], dict[str, str]]:
+    """(slide ids with a non-empty bag, {slide id: why it is left out}) of a preprocess run."""
+    ok: set[str] = set()
+    left_out: dict[str, str] = {}
+    for r in extraction.results:
+        if r.status == "failed":
+            left_out[r.slide_id] = r.error or "failed"
+        elif r.n_tiles == 0:
+            left_out[r.slide_id] = "no tissue tiles found (empty bag)"
+        else:
+            ok.add(r.slide_id)
+    return ok, dict(sorted(left_out.items()))
 
 
 def training_table(slides_dir: Path, bags_dir: Path, out_csv: Path, ok_ids: set[str]) -> Any:
@@ -285,8 +307,8 @@ def _check_existing_run(run_dir: Path, model: str, folds: int, config: Any) -> N
                 "seed": old_cfg.get("seed"),
             },
             path=run_dir,
-            hint="Rerun with the same --model/--folds/--epochs/--seed, add --overwrite, or use "
-            "another --out",
+            hint=f"Rerun with the same --model/--folds/--epochs/--seed, delete {run_dir} to "
+            "train again (slides and bags are kept), or use another --out",
         )
 
 
@@ -405,13 +427,20 @@ def run_demo(
 
     Returns a :class:`DemoResult`; ``result.format()`` is the summary the CLI prints.
     """
-    validate_options(n_slides, slide_size, folds, epochs, model)
+    validate_options(n_slides, slide_size, folds, epochs, model, encoder)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise MilkitError("--out must be a folder", path=out_dir, hint="Choose another --out")
-    if overwrite:
-        _clear(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if overwrite:
+            _clear(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MilkitError(
+            f"cannot prepare the demo folder ({err.strerror or err})",
+            path=out_dir,
+            hint="Choose an --out folder you can write to",
+        ) from err
     log = _logger(progress)
     times: dict[str, float] = {}
     reused: list[str] = []
@@ -430,17 +459,19 @@ def run_demo(
     log(f"[2/5] preprocessing with the {encoder!r} encoder -> {bags_dir}")
     extraction = extract_bags(slides_dir, bags_dir, encoder, progress)
     log("      " + extraction.format().replace("\n", "\n      "))
-    ok_ids = {r.slide_id for r in extraction.results if r.status in ("ok", "skipped")}
-    failed = sorted(r.slide_id for r in extraction.failed)
+    ok_ids, failed = usable_bags(extraction)
     if extraction.count("ok") == 0:
         reused.append("bags")
-    if failed and len(ok_ids) < 4 * folds:
+    if failed:
+        log(f"      left out: {'; '.join(f'{k}: {v}' for k, v in failed.items())}")
+    if len(ok_ids) < 4 * folds:
+        first = next(iter(failed.items()), ("", ""))
         raise MilkitError(
-            f"{len(failed)} of {n_slides} slides failed preprocessing; too few bags left",
-            value=failed[:5],
+            f"{len(failed)} of {n_slides} slides gave no usable bag; too few left to train "
+            f"(first: {first[0]}: {first[1]})",
             path=bags_dir / "manifest.csv",
-            hint="See the error column of the manifest; rerun the demo to retry them, "
-            "or --overwrite to start again",
+            hint="See the error column of the manifest; rerun the demo to retry failed slides, "
+            "or add --overwrite to start again",
         )
     times["bags"] = time.perf_counter() - t0
 

@@ -281,7 +281,7 @@ def build_report(
     model: str,
     tests: Sequence[Mapping] = (),
     properties: Sequence[Mapping] = (),
-    failed_slides: Sequence[str] = (),
+    failed_slides: Mapping[str, str] | None = None,
     settings: Mapping[str, Any] | None = None,
     stage_seconds: Mapping[str, float] | None = None,
 ) -> BuiltReport:
@@ -344,10 +344,8 @@ def build_report(
         doc.add(Heading("Preprocessing QC"), Figures(figs))
     if failed_slides:
         doc.add(
-            Paragraph(
-                f"Slides that failed preprocessing (see bags/manifest.csv): "
-                f"{', '.join(failed_slides)}"
-            )
+            Paragraph("Slides left out of training (details in `bags/manifest.csv`):"),
+            Table(["slide", "reason"], [[k, v] for k, v in failed_slides.items()]),
         )
 
     doc.add(*checks_section(tests, properties, model))

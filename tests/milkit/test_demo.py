@@ -6,6 +6,7 @@ import json
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -305,3 +306,54 @@ def test_any_cell_text_keeps_tables_well_formed(rows: list[list[str]]) -> None:
     assert len(md_rows) == len(rows) + 2
     for line in md_rows:
         assert len(re.findall(r"(?<!\\)\|", line)) == 4  # 3 cells, no cell splits a row
+
+
+# ---------------------------------------------------------------------------- stages and errors
+
+
+def test_unknown_encoder_fails_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(MilkitError, match=r"unknown encoder.*fast"):
+        demo.run_demo(tmp_path / "out", encoder="fsat", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cohort_is_reused_remade_when_damaged_and_guarded(tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    assert demo.make_cohort(slides, 8, 1024, 0) is False
+    labels = (slides / "labels.csv").read_text()
+    assert labels.count("tumour") == 4 and labels.count("normal") == 4
+    assert demo.make_cohort(slides, 8, 1024, 0) is True  # reused
+    (slides / "labels.csv").write_bytes(b"\x00\xff garbage")
+    assert demo.make_cohort(slides, 8, 1024, 0) is False  # damaged: made again
+    assert (slides / "labels.csv").read_text() == labels
+    with pytest.raises(MilkitError, match="other settings") as info:
+        demo.make_cohort(slides, 10, 1024, 0)
+    assert "--overwrite" in str(info.value) and "'n_slides': 8" in str(info.value)
+
+
+def _fake_result(sid: str, status: str, n_tiles: int = 10, error: str = "") -> SimpleNamespace:
+    return SimpleNamespace(slide_id=sid, status=status, n_tiles=n_tiles, error=error)
+
+
+def test_usable_bags_leave_out_failed_and_empty_slides() -> None:
+    results = [
+        _fake_result("a", "ok"),
+        _fake_result("b", "skipped"),
+        _fake_result("c", "failed", 0, "cannot open slide"),
+        _fake_result("d", "ok", 0),
+    ]
+    ok, left_out = demo.usable_bags(SimpleNamespace(results=results))
+    assert ok == {"a", "b"}
+    assert left_out == {"c": "cannot open slide", "d": "no tissue tiles found (empty bag)"}
+
+
+def test_too_few_usable_bags_names_the_first_error(monkeypatch, tmp_path: Path) -> None:
+    results = [_fake_result(f"s{i}", "failed", 0, "no mpp in the slide") for i in range(8)]
+    fake = SimpleNamespace(results=results, count=lambda status: 0, format=lambda: "8 failed")
+    monkeypatch.setattr(demo, "make_cohort", lambda *a: True)
+    monkeypatch.setattr(demo, "extract_bags", lambda *a: fake)
+    with pytest.raises(MilkitError, match="8 of 8 slides gave no usable bag") as info:
+        demo.run_demo(tmp_path / "out", progress=False, **TINY)
+    message = str(info.value)
+    assert "s0: no mpp in the slide" in message and "manifest.csv" in message
+    assert "--overwrite" in message
