@@ -39,17 +39,27 @@ from torch import Tensor, nn
 
 
 def moore_penrose_pinv(x: Tensor, iters: int = 6) -> Tensor:
-    """Iterative pseudo-inverse of (B, ..., m, m) matrices; initial scale per leading index B."""
+    """Iterative pseudo-inverse of (B, ..., m, m) matrices; initial scale per leading index B.
+
+    Each step ``Z ← ¼ Z (13I − XZ(15I − XZ(7I − XZ)))`` is written with ``baddbmm`` so that
+    every ``cI − A·B`` is one fused kernel (same arithmetic, fewer passes over memory): at
+    m = 256 this O(m³) part, not the O(n·m) part, dominates TransMIL's CPU cost below 10^4 tiles.
+    """
     abs_x = x.abs()
     col = abs_x.sum(dim=-1).flatten(1).amax(dim=1)
     row = abs_x.sum(dim=-2).flatten(1).amax(dim=1)
     scale = (col * row).view(-1, *([1] * (x.ndim - 1)))
-    z = x.transpose(-1, -2) / scale
-    eye = torch.eye(x.shape[-1], device=x.device, dtype=x.dtype)
+    shape = x.shape
+    m = shape[-1]
+    z = (x.transpose(-1, -2) / scale).reshape(-1, m, m)
+    x3 = x.reshape(-1, m, m)
+    eye = torch.eye(m, device=x.device, dtype=x.dtype).expand_as(x3)
     for _ in range(iters):
-        xz = x @ z
-        z = 0.25 * z @ (13 * eye - xz @ (15 * eye - xz @ (7 * eye - xz)))
-    return z
+        xz = torch.bmm(x3, z)
+        t = torch.baddbmm(15 * eye, xz, 7 * eye - xz, alpha=-1)  # 15I − XZ(7I − XZ)
+        t = torch.baddbmm(13 * eye, xz, t, alpha=-1)  # 13I − XZ(...)
+        z = torch.bmm(z, t).mul_(0.25)
+    return z.reshape(shape)
 
 
 class NystromAttention(nn.Module):

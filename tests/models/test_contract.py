@@ -25,6 +25,10 @@ SMALL: dict[str, dict] = {
     "mhim-transmil": {"dim": 32, "heads": 2, "num_landmarks": 8},
     # 8×8 regions of a ≤ 40-token bag hold one token each (order then cannot matter): use 2×2.
     "r2t-abmil": {"region_num": 2},
+    # The pure-PyTorch selective scan at d_model 512 / d_state 16 costs seconds per case.
+    "mambamil": {"dim": 32, "d_state": 4, "attn_dim": 16},
+    "mambamil-bimamba": {"dim": 32, "d_state": 4, "attn_dim": 16},
+    "mambamil-mamba": {"dim": 32, "d_state": 4, "attn_dim": 16},
 }
 
 # Parameters without gradients by design, as fnmatch patterns over parameter names.
