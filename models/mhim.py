@@ -47,7 +47,9 @@ _DOC = """
     ``max_c softmax_c(W_c (a_i h_i) + b_0)``), high masking only (random/low masks are v1-only and
     ignored), then the Global Recycle Network: a random ``merge_ratio`` of the remaining instances
     is kept, the rest are recycled into ``merge_k`` global tokens (EMA queries, ``merge_mm``) that
-    are appended to the student's input (training only).
+    are appended to the student's input (training only). ``version`` switches mechanisms only;
+    the other hyper-parameters keep the defaults below unless overridden (v2's own options.py
+    defaults differ: ρ 1.0, m 0.9997, see below).
 
     Official commands (README v1), α / β_h / ρ / β_r / β_l / mrh_sche / mm_sche:
 
