@@ -24,6 +24,7 @@ from milkit.errors import MilkitError
 # enough that tiles on a small region's border count, high enough to ignore a clipped corner.
 TUMOUR_TILE_MIN_COVERAGE = 0.1
 TOP_FRACTION = 0.1  # "top decile" of attention
+LOG_FLOOR = -8.0  # heatmap colour range: attention 1e-8 (blue) ... 1 (red), log scale
 
 
 @dataclass
@@ -187,18 +188,22 @@ def tumour_heatmap(
         thumb = slide.thumbnail(thumbnail_size)
         dims = tuple(int(v) for v in slide.dimensions)
     ps = float(header.coords_attrs["patch_size_level0"])
-    # min-max scaling: attention of a trained model is peaked, so the tumour stands out against
-    # a uniformly blue background (rank scaling would spread the background over all colours)
+    # log scale on a fixed range: a trained model's attention spans many orders of magnitude
+    # (min-max scaling shows only the single top tile; rank scaling paints the background in
+    # every colour), and a fixed range keeps colours comparable between slides
+    scores = np.log10(np.maximum(np.asarray(attention, dtype=np.float64), 10.0**LOG_FLOOR))
     draw_heatmap(
         thumb,
         coords,
-        attention,
+        scores,
         ps,
         dims,
         out_png,
         title=title,
-        normalize="minmax",
-        label="attention",
+        normalize="none",
+        vmin=LOG_FLOOR,
+        vmax=0.0,
+        label="log10(attn)",
     )
     masks = load_synthetic_masks(slide_path)
     return outline_mask(out_png, masks.tumour_mask, masks.mask_downsample, dims, thumb.shape[:2])

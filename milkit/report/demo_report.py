@@ -148,10 +148,11 @@ def attention_section(
                 f"test slide (out of fold). A tile counts as tumour when the planted tumour covers at "
                 f"least {TUMOUR_TILE_MIN_COVERAGE:.0%} of it. Over {summary['slides']} tumour slides, "
                 f"{summary['top_hit_rate']:.0%} of the top-{TOP_FRACTION:.0%} attention tiles are "
-                f"tumour tiles (at most {summary['best_possible']:.0%} can be: the slides have few "
-                f"tumour tiles), against {summary['chance']:.0%} by chance "
+                f"tumour tiles, against {summary['chance']:.0%} by chance "
                 f"({summary['enrichment']:.1f}× enrichment); tumour tiles hold "
-                f"{summary['attention_mass']:.0%} of the attention."
+                f"{summary['attention_mass']:.0%} of the attention. The best possible hit rate is "
+                f"{summary['best_possible']:.0%}: most slides have fewer tumour tiles than a "
+                "tenth of their tiles."
             )
         )
         rows = [
@@ -198,15 +199,18 @@ def attention_section(
             bag_of[sid],
             attention[sid],
             png,
-            title=f"{sid} ({kind}): out-of-fold attention, min-max scaled",
+            title=f"{sid} ({kind}): out-of-fold attention, log scale",
         )
         caption = (
             (
-                f"{sid} ({kind} slide): attention per tile (red = highest); the white/black "
-                "line outlines the planted tumour"
+                f"{sid} ({kind} slide): attention per tile, log scale from 1e-8 (blue) to 1 "
+                "(red); the white/black line outlines the planted tumour"
             )
             if kind == "tumour"
-            else (f"{sid} (normal slide, no tumour): for contrast")
+            else (
+                f"{sid} (normal slide, for contrast): without tumour the attention spreads "
+                f"over many tiles (1/N = {1 / max(1, len(attention[sid])):.0e} each if even)"
+            )
         )
         figs.append(Figure(f"img/{png.name}", caption, width=520))
     if figs:
