@@ -62,6 +62,7 @@ class DemoResult:
     fold_metrics: list[dict[str, Any]]
     summary: dict[str, dict[str, float]]
     localisation: dict[str, float]
+    score_kind: str = "attention"  # what the heatmaps show ("instance score" without attention)
     checks: list[dict[str, Any]] = field(default_factory=list)
     properties: list[dict[str, Any]] = field(default_factory=list)
     failed_slides: dict[str, str] = field(default_factory=dict)  # slide id -> why left out
@@ -100,7 +101,7 @@ class DemoResult:
         loc = self.localisation
         if loc.get("slides"):
             lines.append(
-                f"  top-decile attention on tumour tiles: {loc['top_hit_rate']:.0%} "
+                f"  top-decile {self.score_kind} on tumour tiles: {loc['top_hit_rate']:.0%} "
                 f"(chance {loc['chance']:.0%}, {loc['enrichment']:.1f}x) over "
                 f"{loc['slides']} tumour slides"
             )
@@ -530,6 +531,7 @@ def run_demo(
         fold_metrics=list(cv.folds),
         summary=dict(cv.summary),
         localisation=dict(built.localisation),
+        score_kind=built.score_kind,
         checks=tests,
         properties=props,
         failed_slides=failed,

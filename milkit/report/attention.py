@@ -1,5 +1,7 @@
 """Where a trained model looks: out-of-fold attention and its overlap with planted tumour.
 
+Models without attention are scored by their instance (tile) predictions instead.
+
 For every fold of a cross-validation run the fold's selected checkpoint (``best.pt``) scores the
 slides of *its own test fold*, so each slide's attention comes from a model that never saw it.
 On synthetic slides the planted tumour mask is known, so the attention can be checked against
@@ -93,31 +95,65 @@ def tumour_localisation(
     )
 
 
-def out_of_fold_attention(
-    run_dir: str | Path, table: Any, splits: Any, *, device: str = "cpu"
-) -> dict[str, np.ndarray] | None:
-    """Attention of every test slide from its own fold's ``best.pt``; None without attention.
+@dataclass
+class TileScores:
+    """Per-tile scores of every test slide: ``attention`` (sums to 1 per slide) or, for models
+    without attention (mi-net, threshold-MIL), the ``instance score`` (positive-class
+    probability of each tile)."""
 
-    ``table`` is the run's ``LabelTable`` and ``splits`` its ``FoldSplit`` list.
+    kind: str
+    scores: dict[str, np.ndarray]
+
+
+def _instance_scores(model: Any, dataset: Any, positive_index: int) -> dict[str, np.ndarray]:
+    import torch
+
+    out: dict[str, np.ndarray] = {}
+    model.eval()
+    with torch.inference_mode():
+        for i in range(len(dataset)):
+            item = dataset[i]
+            coords = item.get("coords")
+            res = model(item["features"][None], coords=None if coords is None else coords[None])
+            if res.instance_logits is None:
+                raise MilkitError(
+                    "the model returns neither attention nor instance scores to draw",
+                    value=type(model).__name__,
+                    hint="Use an attention model (e.g. --model abmil) for heatmaps",
+                )
+            probs = torch.softmax(res.instance_logits[0].float(), dim=-1)[:, positive_index]
+            out[str(item["slide_id"])] = probs.cpu().numpy()
+    return out
+
+
+def out_of_fold_scores(
+    run_dir: str | Path, table: Any, splits: Any, *, positive_index: int = 1, device: str = "cpu"
+) -> TileScores:
+    """Tile scores of every test slide from its own fold's ``best.pt`` (see ``TileScores``).
+
+    ``table`` is the run's ``LabelTable`` and ``splits`` its ``FoldSplit`` list; multi-head
+    attention is averaged over heads.
     """
     from milkit.checkpoint import load_checkpoint
     from milkit.data import BagDataset
     from milkit.train import predict
 
+    kind = "attention"
     out: dict[str, np.ndarray] = {}
     for split in splits:
         ckpt = Path(run_dir) / f"fold_{split.fold}" / "best.pt"
         if not split.test or not ckpt.is_file():
             continue
         model, _ = load_checkpoint(ckpt, map_location=device)
-        preds = predict(
-            model, BagDataset.from_table(table, split.test), device=device, with_attention=True
-        )
+        dataset = BagDataset.from_table(table, split.test)
+        preds = predict(model, dataset, device=device, with_attention=True)
         if preds.attention is None:
-            return None
+            kind = "instance score"
+            out.update(_instance_scores(model, dataset, positive_index))
+            continue
         for sid, att in zip(preds.slide_ids, preds.attention, strict=True):
             out[sid] = att.mean(axis=0) if att.ndim == 2 else att
-    return out
+    return TileScores(kind, out)
 
 
 def outline_mask(
@@ -172,8 +208,9 @@ def tumour_heatmap(
     *,
     title: str,
     thumbnail_size: int = 1024,
+    label: str = "log10(attn)",
 ) -> Path:
-    """Attention heatmap on the slide thumbnail with the planted tumour outlined (synthetic)."""
+    """Tile-score heatmap (log scale) on the slide thumbnail, planted tumour outlined."""
     from feature_extraction.slides import Slide
     from feature_extraction.synthetic import load_synthetic_masks
     from milkit.bags import read_bag_header
@@ -227,8 +264,9 @@ def summarise_localisation(items: list[TumourLocalisation]) -> Mapping[str, floa
 __all__ = [
     "TOP_FRACTION",
     "TUMOUR_TILE_MIN_COVERAGE",
+    "TileScores",
     "TumourLocalisation",
-    "out_of_fold_attention",
+    "out_of_fold_scores",
     "outline_mask",
     "summarise_localisation",
     "tumour_heatmap",

@@ -20,7 +20,7 @@ from milkit.report.attention import (
     TOP_FRACTION,
     TUMOUR_TILE_MIN_COVERAGE,
     TumourLocalisation,
-    out_of_fold_attention,
+    out_of_fold_scores,
     summarise_localisation,
     tumour_heatmap,
     tumour_localisation,
@@ -51,6 +51,7 @@ class BuiltReport:
     report_md: Path
     localisation: Mapping[str, float]
     per_slide: list[TumourLocalisation]
+    score_kind: str = "attention"  # or "instance score" for models without attention
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -124,14 +125,24 @@ def _slide_paths(out_dir: Path) -> dict[str, str]:
 
 def attention_section(
     out_dir: Path, table: Any, cv: Any, img_dir: Path, positive: str
-) -> tuple[list, list[TumourLocalisation], list[str]]:
-    """Out-of-fold attention vs planted tumour, and heatmaps; returns (blocks, per-slide, ids)."""
+) -> tuple[list, list[TumourLocalisation], list[str], str]:
+    """Out-of-fold attention vs planted tumour, and heatmaps.
+
+    Returns (blocks, per-slide localisation, slide ids drawn, score kind)."""
     frame = table.frame
-    attention = out_of_fold_attention(cv.out_dir, table, cv.splits)
+    tile_scores = out_of_fold_scores(
+        cv.out_dir, table, cv.splits, positive_index=list(table.class_names).index(positive)
+    )
+    attention, what = tile_scores.scores, tile_scores.kind
     blocks: list = [Heading("Where the model looks")]
-    if attention is None:
-        blocks.append(Paragraph("This model returns no attention, so there is no heatmap."))
-        return blocks, [], []
+    if what != "attention":
+        blocks.append(
+            Paragraph(
+                f"This model has no attention; its per-tile {positive!r} probabilities "
+                "(instance scores) are shown and measured instead, with 'attention' below "
+                "meaning the tile's share of the summed instance scores."
+            )
+        )
     paths = _slide_paths(out_dir)
     bag_of = dict(zip(frame["slide_id"], frame["bag_path"], strict=True))
     label_of = dict(zip(frame["slide_id"], frame["label"], strict=True))
@@ -199,23 +210,24 @@ def attention_section(
             bag_of[sid],
             attention[sid],
             png,
-            title=f"{sid} ({kind}): out-of-fold attention, log scale",
+            title=f"{sid} ({kind}): out-of-fold {what}, log scale",
+            label="log10(attn)" if what == "attention" else "log10(score)",
         )
         caption = (
             (
-                f"{sid} ({kind} slide): attention per tile, log scale from 1e-8 (blue) to 1 "
+                f"{sid} ({kind} slide): {what} per tile, log scale from 1e-8 (blue) to 1 "
                 "(red); the white/black line outlines the planted tumour"
             )
             if kind == "tumour"
             else (
-                f"{sid} (normal slide, for contrast): without tumour the attention spreads "
-                f"over many tiles (1/N = {1 / max(1, len(attention[sid])):.0e} each if even)"
+                f"{sid} (normal slide, for contrast): {what} per tile, log scale, without "
+                "a tumour to find"
             )
         )
         figs.append(Figure(f"img/{png.name}", caption, width=520))
     if figs:
         blocks.append(Figures(figs))
-    return blocks, per_slide, shown
+    return blocks, per_slide, shown, what
 
 
 def _property_result(p: Mapping) -> str:
@@ -329,7 +341,7 @@ def build_report(
             )
         )
 
-    att_blocks, per_slide, shown = attention_section(out_dir, table, cv, img_dir, positive)
+    att_blocks, per_slide, shown, what = attention_section(out_dir, table, cv, img_dir, positive)
     doc.add(*att_blocks)
 
     qc_src = out_dir / "bags" / "qc"
@@ -367,7 +379,7 @@ def build_report(
         timing = ", ".join(f"{k} {v:.0f} s" for k, v in stage_seconds.items())
         doc.add(Paragraph(f"Time per stage: {timing}. Settings: {settings}.", note=True))
     index, md = write_document(doc, report_dir)
-    return BuiltReport(index, md, summarise_localisation(per_slide), per_slide)
+    return BuiltReport(index, md, summarise_localisation(per_slide), per_slide, what)
 
 
 __all__ = ["BuiltReport", "build_report", "metrics_table", "pooled_roc"]

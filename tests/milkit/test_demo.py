@@ -357,3 +357,29 @@ def test_too_few_usable_bags_names_the_first_error(monkeypatch, tmp_path: Path) 
     message = str(info.value)
     assert "s0: no mpp in the slide" in message and "manifest.csv" in message
     assert "--overwrite" in message
+
+
+def test_models_without_attention_are_scored_by_instances() -> None:
+    import torch
+
+    import models
+    from milkit.data import InMemoryBagDataset
+    from milkit.report.attention import _instance_scores
+
+    torch.manual_seed(0)
+    net = models.create("mi-net", 6, 2)
+    bags = [np.random.default_rng(i).normal(size=(n, 6)).astype(np.float32) for i, n in [(0, 5)]]
+    dataset = InMemoryBagDataset(bags, [1], slide_ids=["s"])
+    scores = _instance_scores(net, dataset, positive_index=1)
+    with torch.no_grad():
+        logits = net(torch.from_numpy(bags[0])[None]).instance_logits[0]
+    expected = torch.softmax(logits, dim=-1)[:, 1].numpy()
+    np.testing.assert_allclose(scores["s"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_skipped_checks_say_how_to_run_them() -> None:
+    from milkit.report.demo_report import checks_section
+
+    blocks = checks_section([], [], "transmil")
+    html = to_html(Document("t", blocks))
+    assert "Skipped (--no-check)" in html and "<code>milkit check --model transmil</code>" in html
