@@ -6,7 +6,7 @@ Stages (each reuses its finished output when the demo is rerun into the same fol
     OUT/bags/     one <slide_id>.h5 per slide (fast weight-free encoder), qc/, manifest.csv
     OUT/labels.csv  the training table: slides whose bag is complete
     OUT/run/      grouped k-fold cross-validation (inner validation split, early stopping)
-    OUT/check/    MIL assumption checks of the chosen model (results.json, results.csv)
+    OUT/check/    MIL assumption checks of the chosen model (report.{md,csv,json,png})
     OUT/report/   index.html + report.md + img/ (metrics, ROC, QC, heatmaps, checks)
 
 About half of the slides carry planted tumour regions covering a few percent of the tissue; the
@@ -342,46 +342,52 @@ def train_cv(table: Any, model: str, config: Any, run_dir: Path, folds: int) -> 
         ) from err
 
 
+def _read_check_report(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _flat_properties(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The demo's one model's property results from a ``milkit check`` report.json."""
+    return [
+        {
+            "property": r["name"],
+            "claimed": r["claimed"],
+            "trials": r["trials"],
+            "violations": r["violations"],
+            "rate": r["rate"],
+            "ok": r["ok"],
+            "error": r["error"],
+        }
+        for p in payload.get("properties", [])
+        for r in p["results"]
+    ]
+
+
 def run_checks_stage(model: str, check_dir: Path, progress: bool) -> tuple[list, list, bool]:
-    """Stage 4: lean MIL assumption tests + structural property checks → ``check_dir``."""
+    """Stage 4: lean MIL assumption tests + property checks → ``check_dir`` (as `milkit check`).
+
+    Returns (test results, property results, reused) as plain dicts from ``report.json``.
+    """
     import models
     from milkit.assumptions.properties import check_properties
+    from milkit.assumptions.report import save_report
     from milkit.assumptions.runner import CheckConfig, check_overrides, run_checks
 
-    results_file = check_dir / "results.json"
-    settings = {"model": models.get_entry(model).name, **CHECK_KW}
-    if results_file.is_file():
-        try:
-            old = json.loads(results_file.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("settings") == json.loads(_json(settings)):
-            return old["tests"], old["properties"], True
+    report_json = check_dir / "report.json"
+    settings = json.loads(_json({"demo": True, "model": models.get_entry(model).name, **CHECK_KW}))
+    old = _read_check_report(report_json) if report_json.is_file() else None
+    if old is not None and old.get("config") == settings:
+        return old["results"], _flat_properties(old), True
     cfg = CheckConfig(**CHECK_KW)
-    tests = [r.to_dict() for r in run_checks([model], cfg, progress=progress)]
+    results = run_checks([model], cfg, progress=progress)
     net = models.create(model, cfg.dim, 2, **check_overrides(model, cfg))
-    report = check_properties(net, name=model, dim=cfg.dim, trials=32, seed=0)
-    props = [
-        {
-            "property": p.name,
-            "claimed": p.claimed,
-            "trials": p.trials,
-            "violations": p.violations,
-            "rate": p.rate,
-            "ok": p.ok,
-            "error": p.error,
-        }
-        for p in report.results
-    ]
-    check_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(
-        results_file, _json({"settings": settings, "tests": tests, "properties": props})
-    )
-    import pandas as pd
-
-    cols = ["model", "test", "verdict", "train_auc", "test_auc", "ci_low", "ci_high", "error"]
-    atomic_write_text(check_dir / "results.csv", pd.DataFrame(tests)[cols].to_csv(index=False))
-    return tests, props, False
+    props = check_properties(net, name=model, dim=cfg.dim, trials=32, seed=0).to_dict()
+    save_report(results, check_dir, config=settings, properties=[props])
+    payload = _read_check_report(report_json) or {}
+    return payload.get("results", []), _flat_properties(payload), False
 
 
 # ---------------------------------------------------------------------------- the demo

@@ -365,6 +365,11 @@ def build_report(
         )
 
     doc.add(*checks_section(tests, properties, model))
+    check_png = out_dir / "check" / "report.png"
+    if tests and check_png.is_file():
+        shutil.copyfile(check_png, img_dir / "checks.png")
+        caption = "Test AUC per assumption test (full report: `check/report.md`)"
+        doc.add(Figures([Figure("img/checks.png", caption, width=520)]))
 
     doc.add(Heading("Files"))
     doc.add(
@@ -372,7 +377,7 @@ def build_report(
             "`slides/` synthetic slides, masks and labels.csv · `bags/` features "
             "(<slide_id>.h5), QC and manifest.csv · `run/` splits, checkpoints, "
             "predictions and metrics per fold, summary.csv · `check/` assumption-check "
-            "results · `report/summary.json` every number of this page."
+            "report (as `milkit check` writes it) · `report/summary.json` every number of this page."
         )
     )
     if stage_seconds:

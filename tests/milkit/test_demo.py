@@ -69,10 +69,13 @@ def test_tiny_demo_writes_every_stage(tiny_demo) -> None:
         assert (out / "run" / f"fold_{k}" / "best.pt").is_file()
         assert (out / "run" / f"fold_{k}" / "predictions.csv").is_file()
     assert (out / "run" / "summary.csv").is_file()
-    checks = json.loads((out / "check" / "results.json").read_text())
-    assert [t["test"] for t in checks["tests"]] == ["t1", "t2", "t3"]
-    assert {t["verdict"] for t in checks["tests"]} <= {"PASS", "FAIL", "DID NOT LEARN", "ERROR"}
-    assert {p["property"] for p in checks["properties"]} >= {"permutation", "padding"}
+    checks = json.loads((out / "check" / "report.json").read_text())  # as `milkit check`
+    assert [t["test"] for t in checks["results"]] == ["t1", "t2", "t3"]
+    assert {t["verdict"] for t in checks["results"]} <= {"PASS", "FAIL", "DID NOT LEARN", "ERROR"}
+    assert checks["config"]["model"] == "abmil" and checks["config"]["num_train"] == 40
+    assert {p["property"] for p in result.properties} >= {"permutation", "padding"}
+    assert [t["test"] for t in result.checks] == ["t1", "t2", "t3"]
+    assert (out / "check" / "report.md").is_file() and (out / "check" / "report.png").is_file()
     labels = (out / "labels.csv").read_text().splitlines()
     assert labels[0] == "slide_id,label,case_id" and len(labels) == 9
     assert result.reused == []
