@@ -386,3 +386,22 @@ def test_skipped_checks_say_how_to_run_them() -> None:
     blocks = checks_section([], [], "transmil")
     html = to_html(Document("t", blocks))
     assert "Skipped (--no-check)" in html and "<code>milkit check --model transmil</code>" in html
+
+
+def test_overwrite_clears_only_the_demo_stage_folders(tmp_path: Path) -> None:
+    for name in (*demo.STAGES, "notes"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.txt").write_text("x")
+    (tmp_path / "labels.csv").write_text("slide_id,label\n")
+    (tmp_path / "mine.csv").write_text("keep")
+    demo._clear(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.csv", "notes"]
+
+
+def test_cli_help_shows_an_example(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "milkit demo --out demo_output" in out and "--overwrite" in out
+    assert "--max-instances" in out and "--no-check" in out
