@@ -140,6 +140,8 @@ class SeedResult:
 class TestResult:
     """The aggregated outcome of one model on one test."""
 
+    __test__ = False  # not a pytest test class despite the name
+
     model: str
     test: str
     verdict: str

@@ -52,7 +52,7 @@ FAST = {
     "batch_size": 8,
     "lr": 3e-3,
     "epochs": 20,
-    "patience": 5,
+    "patience": 4,
     "n_boot": 200,
     "seeds": (0,),
 }
