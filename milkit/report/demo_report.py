@@ -334,7 +334,7 @@ def build_report(
                     Figure(
                         "img/roc.png",
                         "ROC of all out-of-fold test predictions pooled "
-                        "(per-fold curves: run/fold_<k>/roc.png)",
+                        "(per-fold curves: `run/fold_<k>/roc.png`)",
                         width=420,
                     )
                 ]
@@ -375,7 +375,7 @@ def build_report(
     doc.add(
         Paragraph(
             "`slides/` synthetic slides, masks and labels.csv · `bags/` features "
-            "(<slide_id>.h5), QC and manifest.csv · `run/` splits, checkpoints, "
+            "(`<slide_id>.h5`), QC and manifest.csv · `run/` splits, checkpoints, "
             "predictions and metrics per fold, summary.csv · `check/` assumption-check "
             "report (as `milkit check` writes it) · `report/summary.json` every number of this page."
         )

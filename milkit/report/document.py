@@ -115,7 +115,8 @@ def to_markdown(doc: Document) -> str:
             out.append("")
         elif isinstance(block, Figures):
             for fig in block.items:
-                out += [f"![{_md_cell(fig.caption)}]({fig.src})", "", f"*{fig.caption}*", ""]
+                alt = _md_cell(fig.caption.replace("`", ""))
+                out += [f"![{alt}]({fig.src})", "", f"*{fig.caption}*", ""]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -159,7 +160,7 @@ def to_html(doc: Document) -> str:
                 src = html.escape(fig.src, quote=True)
                 figs.append(
                     f'<figure><a href="{src}"><img src="{src}"{width} '
-                    f'alt="{html.escape(fig.caption, quote=True)}"></a>'
+                    f'alt="{html.escape(fig.caption.replace("`", ""), quote=True)}"></a>'
                     f"<figcaption>{_inline(fig.caption)}</figcaption></figure>"
                 )
             body.append('<div class="figs">\n' + "\n".join(figs) + "\n</div>")
