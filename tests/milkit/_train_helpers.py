@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 
@@ -63,3 +64,12 @@ def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module, skip: tuple[str, ...] =
 # normalises its float-noise gradient into lr-sized steps, so equivalence tests skip it (it has no
 # effect on any output).
 SOFTMAX_INVARIANT = ("pool.score.bias",)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train faster on one thread (intra-op sync dominates on a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

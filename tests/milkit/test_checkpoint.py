@@ -18,7 +18,7 @@ from milkit.checkpoint import (
     save_train_state,
 )
 from milkit.errors import MilkitError
-from tests.milkit._train_helpers import small_abmil, state_equal
+from tests.milkit._train_helpers import one_thread, small_abmil, state_equal  # noqa: F401
 
 META = {
     "model_name": "abmil",

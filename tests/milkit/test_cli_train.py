@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from milkit.cli import main
+from tests.milkit._train_helpers import one_thread  # noqa: F401 (autouse fixture)
 from tests.milkit.test_cv import make_cohort
 
 TRAIN = ["--model", "abmil", "--model-arg", "fc_dim=16", "--model-arg", "attn_dim=8",

@@ -15,7 +15,7 @@ from milkit.data import load_labels
 from milkit.errors import MilkitError
 from milkit.splits import load_splits
 from milkit.train import TrainConfig, load_checkpoint
-from tests.milkit._train_helpers import planted_bags
+from tests.milkit._train_helpers import one_thread, planted_bags  # noqa: F401 (fixture)
 
 
 def make_cohort(

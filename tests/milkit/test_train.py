@@ -28,6 +28,7 @@ from tests.milkit._train_helpers import (
     SOFTMAX_INVARIANT,
     datasets,
     max_abs_diff,
+    one_thread,  # noqa: F401 (autouse fixture)
     small_abmil,
     state_equal,
 )
