@@ -227,38 +227,33 @@ def plot_roc(
 ) -> Path:
     """ROC curve(s) as a PNG (atomic): the positive class for binary tasks, one-vs-rest per
     class for multiclass tasks; the legend shows each AUC. Absent classes are skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
     from sklearn.metrics import roc_auc_score, roc_curve
 
     names = [str(c) for c in class_names]
     y, p = _check_inputs(y_true, probs, len(names))
     classes = [1] if len(names) == 2 else list(range(len(names)))
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-    try:
-        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
-        for k in classes:
-            positive = y == k
-            if positive.all() or not positive.any():
-                continue
-            fpr, tpr, _ = roc_curve(positive, p[:, k])
-            auc = roc_auc_score(positive, p[:, k])
-            label = f"{names[k]} (AUC = {auc:.3f})"
-            ax.plot(fpr, tpr, linewidth=2, label=label)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.01)
-        ax.set_xlabel("False positive rate")
-        ax.set_ylabel("True positive rate")
-        ax.set_title(title or ("ROC" if len(names) == 2 else "ROC (one-vs-rest)"))
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="lower right")
-        out = Path(out_png)
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, format="png", bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(5, 5), dpi=100)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+    for k in classes:
+        positive = y == k
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = roc_curve(positive, p[:, k])
+        auc = roc_auc_score(positive, p[:, k])
+        label = f"{names[k]} (AUC = {auc:.3f})"
+        ax.plot(fpr, tpr, linewidth=2, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("False positive rate")
+    ax.set_ylabel("True positive rate")
+    ax.set_title(title or ("ROC" if len(names) == 2 else "ROC (one-vs-rest)"))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right")
+    out = Path(out_png)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     return out
 
 
