@@ -33,8 +33,13 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from models.layers.selective_scan import selective_scan
+from models.layers.selective_scan import (
+    cuda_selective_scan_fn,
+    selective_scan,
+    selective_scan_chunked,
+)
 
 __all__ = ["BiMamba", "Mamba", "SRMamba", "causal_conv1d", "sr_order", "sr_unorder"]
 
@@ -92,6 +97,8 @@ class Mamba(nn.Module):
         dt_min, dt_max, dt_init_floor: Δ initialisation range (1e-3, 0.1, 1e-4; mamba-ssm).
         conv_bias, bias: conv1d bias (True) and in/out projection bias (False; mamba-ssm).
         backend: selective-scan path, see ``selective_scan`` ("auto").
+        chunk_size: above this many tokens, run the low-memory chunked path (see below);
+            None disables it. Not used with the CUDA kernels or the "ref" backend.
     """
 
     second_branch = False
@@ -110,6 +117,7 @@ class Mamba(nn.Module):
         conv_bias: bool = True,
         bias: bool = False,
         backend: str = "auto",
+        chunk_size: int | None = 512,
     ) -> None:
         super().__init__()
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
@@ -121,6 +129,10 @@ class Mamba(nn.Module):
         for br in branches:
             self._make_branch(br, conv_bias, dt_min, dt_max, dt_init_floor)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        # Tokens per chunk of the low-memory path (None = never chunk); not a parameter, so
+        # state dicts are unaffected. 512: one chunk's recomputation (the scan inside keeps its
+        # activations, ~8 (d_inner, 512, d_state) tensors) holds ~0.3 GB at d_inner = 1024.
+        self.chunk_size: int | None = chunk_size
 
     def _make_branch(
         self, br: _Branch, conv_bias: bool, dt_min: float, dt_max: float, floor: float
@@ -144,35 +156,133 @@ class Mamba(nn.Module):
 
     def inner(self, xz: Tensor, br: _Branch) -> Tensor:
         """One Mamba pass without out_proj: (b, 2·d_inner, L) -> (b, d_inner, L)."""
-        conv, x_proj, dt_proj = (getattr(self, name) for name in (br.conv, br.x_proj, br.dt_proj))
+        conv = getattr(self, br.conv)
         x, z = xz.chunk(2, dim=1)
         x = causal_conv1d(x, conv.weight, conv.bias)
+        return self._ssm(x, z, br)
+
+    def _ssm(
+        self, x: Tensor, z: Tensor, br: _Branch, initial_state: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """x_proj, Δ projection and the gated selective scan on the conv output x (b, d, L).
+
+        With ``initial_state`` (the low-memory path) the scan starts from that state and the
+        final state is returned too: ``(y, state)``.
+        """
+        x_proj, dt_proj = getattr(self, br.x_proj), getattr(self, br.dt_proj)
         x_dbl = x_proj(rearrange(x, "b d l -> b l d"))
         dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = rearrange(dt @ dt_proj.weight.t(), "b l d -> b d l")
         b_ssm = rearrange(b_ssm, "b l n -> b n l").contiguous()
         c_ssm = rearrange(c_ssm, "b l n -> b n l").contiguous()
         a = -torch.exp(getattr(self, br.a_log).float())
-        y = selective_scan(
-            x,
-            dt,
-            a,
-            b_ssm,
-            c_ssm,
-            getattr(self, br.d).float(),
-            z=z,
-            delta_bias=dt_proj.bias.float(),
-            delta_softplus=True,
-            backend=self.backend,
-        )
-        return y
+        args = (x, dt, a, b_ssm, c_ssm, getattr(self, br.d).float())
+        kwargs = {"z": z, "delta_bias": dt_proj.bias.float(), "delta_softplus": True}
+        if initial_state is not None:
+            # the caller checkpoints the whole chunk: no second recomputation inside the scan
+            return selective_scan_chunked(
+                *args,
+                **kwargs,
+                initial_state=initial_state,
+                return_last_state=True,
+                recompute_blocks=False,
+            )
+        return selective_scan(*args, **kwargs, backend=self.backend)
 
     def mix(self, xz: Tensor) -> Tensor:
         return self.inner(xz, _MAIN)
 
     def forward(self, hidden: Tensor) -> Tensor:
+        if self._low_memory(hidden):
+            return self._forward_low_memory(hidden)
         xz = rearrange(self.in_proj(hidden), "b l d -> b d l")
         return self.out_proj(rearrange(self.mix(xz), "b d l -> b l d"))
+
+    # ------------------------------------------------------------------ low-memory path
+    # The plain path keeps ~a dozen (b, d_inner, L) activations per branch for backward (about
+    # 2 GB per layer at L = 10^4, d_inner = 1024). Above ``chunk_size`` tokens the mixer instead
+    # runs in_proj → causal conv → x_proj/dt_proj → scan → gate → out_proj on sequence chunks
+    # (in each branch's own token order), carrying the causal conv's last d_conv-1 inputs and the
+    # scan state from chunk to chunk. Each chunk is activation-checkpointed, so backward keeps
+    # only the chunk inputs and recomputes one chunk at a time. Same maths as the plain path; the
+    # only difference is that out_proj is applied per branch and summed (linearity:
+    # W(y + y_b) = W y + W y_b; the bias is added once), a float-rounding-level change.
+
+    def _low_memory(self, hidden: Tensor) -> bool:
+        if self.chunk_size is None or hidden.shape[1] <= self.chunk_size:
+            return False
+        if self.backend == "ref":
+            return False  # the sequential oracle keeps its own, plain path
+        if hidden.is_cuda and self.backend in ("auto", "cuda"):
+            # the fused kernels cannot start from a carried state; keep them
+            return cuda_selective_scan_fn() is None and self.backend == "auto"
+        return True
+
+    def branch_orders(self, length: int, device: torch.device) -> list[tuple[_Branch, Tensor]]:
+        """Each branch with the token order it scans: index into the sequence, -1 = zero pad."""
+        return [(_MAIN, torch.arange(length, device=device))]
+
+    def _forward_low_memory(self, hidden: Tensor) -> Tensor:
+        b, length, _ = hidden.shape
+        step = int(self.chunk_size or length)
+        out: Tensor | None = None
+        for br, order in self.branch_orders(length, hidden.device):
+            identity = order.numel() == length and bool(
+                (order == torch.arange(length, device=order.device)).all()
+            )
+            seq = hidden if identity else hidden[:, order.clamp(min=0)]
+            valid = None if bool((order >= 0).all()) else order >= 0
+            conv_state = hidden.new_zeros(b, self.d_inner, self.d_conv - 1)
+            scan_state = hidden.new_zeros(
+                b, self.d_inner, self.d_state, dtype=_scan_dtype(hidden.dtype)
+            )
+            pieces = []
+            for start in range(0, order.numel(), step):
+                sl = slice(start, start + step)
+                piece_valid = None if valid is None else valid[sl]
+                args = (br, seq[:, sl], piece_valid, conv_state, scan_state)
+                if torch.is_grad_enabled():
+                    res = checkpoint(self._chunk, *args, use_reentrant=False)
+                else:
+                    res = self._chunk(*args)
+                piece, conv_state, scan_state = res
+                pieces.append(piece)
+            res_br = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+            if not identity:  # back to sequence order (crops SR padding)
+                where = torch.empty(length, dtype=torch.long, device=order.device)
+                pos = torch.arange(order.numel(), device=order.device)
+                keep = order >= 0
+                where[order[keep]] = pos[keep]
+                res_br = res_br[:, where]
+            out = res_br if out is None else out + res_br
+        assert out is not None  # every mixer has its main branch
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias
+        return out
+
+    def _chunk(
+        self,
+        br: _Branch,
+        hidden: Tensor,
+        valid: Tensor | None,
+        conv_state: Tensor,
+        scan_state: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One chunk of one branch: (out_proj(y) without bias, conv state, scan state)."""
+        xz = self.in_proj(hidden)
+        if valid is not None:  # zero padding of the SR order enters after in_proj, as in plain
+            xz = xz * valid[None, :, None].to(xz.dtype)
+        x, z = rearrange(xz, "b l d -> b d l").chunk(2, dim=1)
+        conv = getattr(self, br.conv)
+        x_ext = torch.cat([conv_state, x], dim=-1)
+        next_conv = x_ext[..., x_ext.shape[-1] - conv_state.shape[-1] :].clone()
+        x = F.silu(F.conv1d(x_ext, conv.weight, conv.bias, groups=self.d_inner))
+        y, next_scan = self._ssm(x, z, br, initial_state=scan_state)
+        return F.linear(rearrange(y, "b d l -> b l d"), self.out_proj.weight), next_conv, next_scan
+
+
+def _scan_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class BiMamba(Mamba):
@@ -183,6 +293,10 @@ class BiMamba(Mamba):
 
     def mix(self, xz: Tensor) -> Tensor:
         return self.inner(xz, _MAIN) + self.inner(xz.flip(-1), _SECOND).flip(-1)
+
+    def branch_orders(self, length: int, device: torch.device) -> list[tuple[_Branch, Tensor]]:
+        main = torch.arange(length, device=device)
+        return [(_MAIN, main), (_SECOND, main.flip(0))]
 
 
 class SRMamba(Mamba):
@@ -205,3 +319,8 @@ class SRMamba(Mamba):
         length = xz.shape[-1]
         out_b = self.inner(sr_order(xz, self.rate), _SECOND)
         return self.inner(xz, _MAIN) + sr_unorder(out_b, self.rate, length)
+
+    def branch_orders(self, length: int, device: torch.device) -> list[tuple[_Branch, Tensor]]:
+        main = torch.arange(length, device=device)
+        order = sr_order((main + 1).view(1, 1, length), self.rate).view(-1) - 1  # -1 = padding
+        return [(_MAIN, main), (_SECOND, order)]

@@ -241,12 +241,22 @@ def selective_scan_chunked(
     *,
     block_size: int | None = None,
     sub_chunk: int | None = None,
-) -> Tensor:
+    initial_state: Tensor | None = None,
+    return_last_state: bool = False,
+    recompute_blocks: bool | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Chunked, checkpointed pure-PyTorch selective scan (see the module docstring).
 
     Args:
         block_size: steps per checkpointed block K (default: ~8M state elements per block).
         sub_chunk: steps per sub-chunk T inside a block (default ≈ √K, a power of two).
+        initial_state: (b, d, n) state h_0 to start from (default zeros); lets a caller scan a
+            long sequence piece by piece, carrying the state (``Mamba``'s low-memory path).
+        return_last_state: also return the final state (b, d, n) in the compute dtype, like
+            mamba-ssm's ``return_last_state``.
+        recompute_blocks: force (True) or forbid (False) the recomputing blocks; None = by size.
+            A caller that already checkpoints the whole call passes False, so backward does not
+            recompute the scan twice.
     """
     _check_shapes(u, delta, A, B, C)
     dtype_in = u.dtype
@@ -260,18 +270,32 @@ def selective_scan_chunked(
     sub = sub_chunk or 2 ** max(0, round(math.log2(math.sqrt(k))))
     sub = max(1, min(int(sub), k))
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u_c, delta, A_c, B_c, C_c))
-    state = u_c.new_zeros(b, d, n)
+    if initial_state is None:
+        state = u_c.new_zeros(b, d, n)
+    else:
+        if tuple(initial_state.shape) != (b, d, n):
+            raise ValueError(
+                f"selective_scan: initial_state must be (b, d, n) = {(b, d, n)}, got "
+                f"{tuple(initial_state.shape)}"
+            )
+        state = initial_state.to(cdt)
+        grad = grad or (torch.is_grad_enabled() and state.requires_grad)
     ys = []
     for start in range(0, length, k):
         sl = slice(start, min(start + k, length))
         args = (u_c[..., sl], delta[..., sl], B_c[..., sl], C_c[..., sl], state, A_c, sub)
-        if grad and b * d * n * length > _PLAIN_AUTOGRAD_ELEMENTS:
+        if recompute_blocks is None:
+            recompute = b * d * n * length > _PLAIN_AUTOGRAD_ELEMENTS
+        else:
+            recompute = recompute_blocks
+        if grad and recompute:
             y, state = _CheckpointedBlock.apply(*args)
         else:
             y, state = _scan_block(*args)
         ys.append(y)
     y = torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]
-    return _finish(y, u_c, D, z, dtype_in)
+    out = _finish(y, u_c, D, z, dtype_in)
+    return (out, state) if return_last_state else out
 
 
 def cuda_selective_scan_fn() -> Callable[..., Tensor] | None:
