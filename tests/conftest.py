@@ -12,7 +12,9 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 SLIDES = SHARED_DATA / "slides"
 MIL_BENCHMARKS = SHARED_DATA / "mil_benchmarks"
 
-torch.set_num_threads(2)
+# Tests use tiny tensors: one intra-op thread per process avoids oversubscription, and
+# `make test` runs two pytest workers (pytest-xdist) to use both cores of a CI machine.
+torch.set_num_threads(1)
 
 
 def _need(path: Path) -> Path:
