@@ -110,14 +110,12 @@ def text_table(results: Sequence[TestResult]) -> str:
 
 def plot_results(results: Sequence[TestResult], out_png: str | Path, delta: float = 0.1) -> None:
     """Grouped bars of mean test AUC with CI whiskers per model and test; chance and FAIL lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
 
     models, tests, cells = _grid(results)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(models) * len(tests) ** 0.5 + 3), 4.5))
+    fig = Figure(figsize=(max(6.0, 0.9 * len(models) * len(tests) ** 0.5 + 3), 4.5))
+    ax = fig.subplots()
     width = 0.8 / max(len(tests), 1)
     colours = {PASS: "#2a9d8f", FAIL: "#e63946"}
     for j, t in enumerate(tests):
@@ -146,7 +144,6 @@ def plot_results(results: Sequence[TestResult], out_png: str | Path, delta: floa
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
 
 
 def save_report(
