@@ -18,6 +18,11 @@ One Mamba "inner" pass on ``xz = in_proj(h)`` (split into x, z along channels)::
   by column (0, R, 2R, …, 1, R+1, …); ``unorder`` inverts that and crops the padding. The zero
   padding takes part in the second branch's recurrence, as in the official kernel path.
 
+Long sequences (more than ``chunk_size`` tokens, off the CUDA kernels) take a low-memory path with
+the same maths: each branch runs in checkpointed sequence chunks, carrying the causal conv's last
+d_conv-1 inputs and the scan state (``selective_scan_chunked(initial_state=...)``) from chunk to
+chunk, so backward keeps O(L·d_model) instead of O(L·d_inner) per branch (see ``Mamba``).
+
 Parameter names follow mamba-ssm (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``,
 ``D``, ``out_proj``) and the official second branch (``conv1d_b``, ``x_proj_b``, ``dt_proj_b``,
 ``A_b_log``, ``D_b``), so state dicts move between the CUDA kernels and this PyTorch path.
