@@ -420,34 +420,20 @@ def _pread_into(path: Path, out: np.ndarray, plan: list[tuple[int, int, int]]) -
     return True
 
 
-_F16_STEP = 1 << 18  # elements converted per step (512 KiB of float16: stays in cache)
-
-
 def _read_float16_as_float32(
     path: Path, shape: tuple[int, int], plan: list[tuple[int, int, int]]
 ) -> np.ndarray:
-    """Read a float16 bag into a fresh float32 array without a second full-size buffer.
+    """Read a float16 bag straight from its byte ranges and widen it to float32 in one call.
 
-    The float16 bytes are read into the upper half of the float32 output, then converted front
-    to back through a small buffer. Output element i (bytes 4i..4i+4) never reaches float16
-    element j > i still to be read (bytes 2ND + 2j), so nothing unread is overwritten. This is
-    ~2-3x faster than reading then ``astype``, which touches twice the fresh memory.
+    One bulk conversion (torch's vectorised half→float kernel) is ~6× faster here than
+    converting in small cache-sized steps, whose per-call cost dominated (measured 0.23 s vs
+    0.04 s for 10^7 values).
     """
-    n, dim = shape
-    total = n * dim
-    out = np.empty((n, dim), dtype=np.float32)
-    upper = out.reshape(-1).view(np.float16)[total:].reshape(n, dim)
-    if not _pread_into(path, upper, plan):
+    half = np.empty(shape, dtype=np.float16)
+    if not _pread_into(path, half, plan):
         with h5py.File(path, "r") as f:
             return f["features"][()].astype(np.float32)
-    dst = torch.from_numpy(out).view(-1)
-    src = torch.from_numpy(upper).view(-1)
-    buf = torch.empty(min(_F16_STEP, total), dtype=torch.float16)
-    for start in range(0, total, _F16_STEP):
-        k = min(_F16_STEP, total - start)
-        buf[:k].copy_(src[start : start + k])
-        dst[start : start + k].copy_(buf[:k])
-    return out
+    return torch.from_numpy(half).to(torch.float32).numpy()
 
 
 def _read_h5_arrays(path: Path, load_coords: bool) -> tuple[np.ndarray, np.ndarray | None]:
