@@ -56,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-instances", type=int, help="subsample training bags to N tiles (lowers memory)"
     )
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: small bags)")
     p.add_argument("--no-check", action="store_true", help="skip the MIL assumption checks")
     p.add_argument(
         "--overwrite",
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         overwrite=args.overwrite,
         max_instances=args.max_instances,
+        threads=args.threads,
     )
     print(result.format())
     return 0
