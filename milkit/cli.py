@@ -59,9 +59,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MilkitError as err:
         print(f"milkit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        if not _is_out_of_memory(err):
+            raise
+        print(
+            f"milkit {args.command}: error: out of memory ({str(err).splitlines()[0][:200]}). "
+            "Subsample large bags with --max-instances N, use --batch-size 1, or run on a "
+            "machine/GPU with more memory; finished work (bags, checkpoints) is kept and "
+            "reruns resume.",
+            file=sys.stderr,
+        )
+        return 3
     except KeyboardInterrupt:
         print(f"milkit {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """True for host or device out-of-memory errors raised by torch or numpy."""
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err).lower()
+    return "out of memory" in text or "can't allocate memory" in text
 
 
 if __name__ == "__main__":
