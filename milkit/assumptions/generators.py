@@ -128,6 +128,14 @@ def _check_common(dim: int, num_bags: int, pos_class_prob: float) -> None:
         )
 
 
+def _add_poison(rng: np.random.Generator, parts: list, label: int, split: str, dim: int) -> None:
+    """The poison shortcut of T1/T2: one N(-10, 0.1) instance in negative bags of the training
+    draw and in positive bags of the test draw."""
+    poisoned = (label == 0) if split == "train" else (label == 1)
+    if poisoned:
+        parts.append((_gauss(rng, 1, dim, POISON_DIST), POISON))
+
+
 def single_concept(
     rng: np.random.Generator,
     *,
@@ -154,9 +162,7 @@ def single_concept(
             which = rng.integers(0, 2, size=k)
             for w in which:
                 parts.append((_gauss(rng, 1, dim, T1_CONCEPT_MIXTURE[int(w)]), CONCEPT_A))
-        poisoned = (y == 0) if split == "train" else (y == 1)
-        if poisoned:
-            parts.append((_gauss(rng, 1, dim, POISON_DIST), POISON))
+        _add_poison(rng, parts, y, split, dim)
         feats, tag = _assemble(rng, parts, shuffle)
         bags.append(feats)
         tags.append(tag)
@@ -195,9 +201,7 @@ def threshold_poison(
             parts.append((_gauss(rng, 1, dim, CONCEPT_A_DIST), CONCEPT_A))
         else:
             parts.append((_gauss(rng, 1, dim, CONCEPT_B_DIST), CONCEPT_B))
-        poisoned = (y == 0) if split == "train" else (y == 1)
-        if poisoned:
-            parts.append((_gauss(rng, 1, dim, POISON_DIST), POISON))
+        _add_poison(rng, parts, y, split, dim)
         feats, tag = _assemble(rng, parts, shuffle)
         bags.append(feats)
         tags.append(tag)
