@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    import models
+    from milkit import models
     from milkit.assumptions.report import markdown_table, save_report
     from milkit.assumptions.runner import CheckConfig, run_checks
 

@@ -38,7 +38,7 @@ def run_case(name: str, kwargs: dict, n: int, repeats: int, device: str) -> dict
     import torch
     from torch import nn
 
-    import models
+    from milkit import models
 
     torch.manual_seed(0)
     kwargs = dict(kwargs)

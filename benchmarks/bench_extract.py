@@ -45,14 +45,13 @@ def main() -> None:
 
     import numpy as np
     import torch
-
-    from feature_extraction.encoders import create_encoder
-    from feature_extraction.encoders.resnet import build_resnet50_backbone
-    from feature_extraction.extract import TileDataset, encode_grid
-    from feature_extraction.slides import Slide
-    from feature_extraction.synthetic import make_synthetic_slide
-    from feature_extraction.tiling import TileSpec, plan_tiles
-    from feature_extraction.tissue import segment_tissue
+    from milkit.feature_extraction.encoders import create_encoder
+    from milkit.feature_extraction.encoders.resnet import build_resnet50_backbone
+    from milkit.feature_extraction.extract import TileDataset, encode_grid
+    from milkit.feature_extraction.slides import Slide
+    from milkit.feature_extraction.synthetic import make_synthetic_slide
+    from milkit.feature_extraction.tiling import TileSpec, plan_tiles
+    from milkit.feature_extraction.tissue import segment_tissue
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -74,7 +74,7 @@ def run_one(name: str, n: int, args: argparse.Namespace) -> dict:
     import torch
     from torch import nn
 
-    import models
+    from milkit import models
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sys.path.insert(0, str(REPO))
-    import models
+    from milkit import models
 
     patterns = [p.strip() for p in args.models.split(",") if p.strip()]
     names = [m for m in models.list_models() if any(fnmatch.fnmatch(m, p) for p in patterns)]

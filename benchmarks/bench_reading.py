@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from milkit.feature_extraction.slides import Slide
+from milkit.feature_extraction.synthetic import make_synthetic_slide
+from milkit.feature_extraction.tiling import TileGrid, TileSpec, plan_tiles, read_tile
+from milkit.feature_extraction.tissue import segment_tissue
 from torch.utils.data import DataLoader, Dataset, get_worker_info
-
-from feature_extraction.slides import Slide
-from feature_extraction.synthetic import make_synthetic_slide
-from feature_extraction.tiling import TileGrid, TileSpec, plan_tiles, read_tile
-from feature_extraction.tissue import segment_tissue
 
 CACHE = Path(os.environ.get("MILKIT_BENCH_DIR", "/tmp/milkit_bench"))
 

@@ -36,7 +36,7 @@ def _child(case: str, length: int, dim: int, threads: int) -> dict:
     torch.manual_seed(0)
     record: dict = {"bench": case, "N": length, "threads": threads}
     if case == "scan":
-        from models.layers.selective_scan import selective_scan_chunked
+        from milkit.models.layers.selective_scan import selective_scan_chunked
 
         d, n = 1024, 16
         u = torch.randn(1, d, length, requires_grad=True)
@@ -51,7 +51,7 @@ def _child(case: str, length: int, dim: int, threads: int) -> dict:
         t1 = time.perf_counter()
         y.sum().backward()
     else:
-        import models
+        from milkit import models
 
         name = {"mambamil": "mambamil", "r2t": "r2t-abmil"}[case]
         model = models.create(name, dim, 2)

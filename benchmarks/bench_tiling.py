@@ -16,10 +16,10 @@ import statistics
 import time
 from pathlib import Path
 
-from feature_extraction.slides import Slide
-from feature_extraction.synthetic import make_synthetic_slide
-from feature_extraction.tiling import TileSpec, plan_tiles
-from feature_extraction.tissue import segment_tissue
+from milkit.feature_extraction.slides import Slide
+from milkit.feature_extraction.synthetic import make_synthetic_slide
+from milkit.feature_extraction.tiling import TileSpec, plan_tiles
+from milkit.feature_extraction.tissue import segment_tissue
 
 CACHE = Path(os.environ.get("MILKIT_BENCH_DIR", "/tmp/milkit_bench"))
 

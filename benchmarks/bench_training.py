@@ -49,7 +49,7 @@ def child(
 ) -> dict:
     import torch
 
-    import models
+    from milkit import models
     from milkit.train import TrainConfig, fit_model
 
     torch.set_num_threads(threads)
@@ -102,7 +102,7 @@ def main() -> None:
                     args.epochs)  # fmt: skip
         print(json.dumps(res), flush=True)
         return
-    import models
+    from milkit import models
 
     registered = set(models.list_models())
     for name in args.models:

@@ -36,9 +36,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from milkit.models.base import MILModel, MILOutput
 from torch import Tensor, nn
-
-from models.base import MILModel, MILOutput
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mil_benchmarks"
 
@@ -64,7 +63,7 @@ class IlseBenchmarkMIL(MILModel):
     def __init__(self, in_dim: int, num_classes: int = 2, *, gated: bool = False,
                  dropout: float = 0.5) -> None:  # fmt: skip
         super().__init__()
-        import models
+        from milkit import models
 
         self.in_dim, self.num_classes = in_dim, num_classes
         layers: list[nn.Module] = []

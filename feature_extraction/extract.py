@@ -113,7 +113,7 @@ class ExtractConfig:
     progress: bool = True
 
     def tile_spec(self) -> Any:
-        from feature_extraction.tiling import TileSpec
+        from milkit.feature_extraction.tiling import TileSpec
 
         return TileSpec(
             patch_size=self.patch_size,
@@ -124,7 +124,7 @@ class ExtractConfig:
         )
 
     def tissue(self) -> Any:
-        from feature_extraction.tissue import get_preset
+        from milkit.feature_extraction.tissue import get_preset
 
         return (
             self.tissue_params if self.tissue_params is not None else get_preset(self.tissue_preset)
@@ -434,7 +434,7 @@ class TileDataset:
         return len(self.grid)
 
     def open(self) -> None:
-        from feature_extraction.slides import Slide
+        from milkit.feature_extraction.slides import Slide
 
         if self._slide is None:
             self._slide = Slide(self.slide_path, mpp=self.mpp)
@@ -445,8 +445,8 @@ class TileDataset:
             self._slide = None
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, bool]:
-        from feature_extraction.slides import TileReadError
-        from feature_extraction.tiling import read_tile
+        from milkit.feature_extraction.slides import TileReadError
+        from milkit.feature_extraction.tiling import read_tile
 
         self.open()
         try:
@@ -495,7 +495,7 @@ def _mp_context() -> Any:
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "cv2", "feature_extraction.extract"])
+    ctx.set_forkserver_preload(["torch", "cv2", "milkit.feature_extraction.extract"])
     return ctx
 
 
@@ -574,7 +574,7 @@ def encode_grid(
 
 def slide_fingerprint(path: Path, limit: int = HASH_LIMIT_BYTES) -> dict[str, Any]:
     """``slide_sha256`` for files up to ``limit`` bytes, else size + mtime (hashing is slow)."""
-    from feature_extraction.encoders.registry import file_sha256
+    from milkit.feature_extraction.encoders.registry import file_sha256
 
     if path.is_file():
         st = path.stat()
@@ -598,9 +598,10 @@ def process_slide(
     mpp_override: float | None,
 ) -> SlideResult:
     """Segment, tile, encode and write one slide; raises on slide-level failure."""
-    from feature_extraction.slides import Slide, TileReadError
-    from feature_extraction.tiling import plan_tiles
-    from feature_extraction.tissue import segment_tissue
+    from milkit.feature_extraction.slides import Slide, TileReadError
+    from milkit.feature_extraction.tiling import plan_tiles
+    from milkit.feature_extraction.tissue import segment_tissue
+
     from milkit.bags import write_bag
 
     t_start = time.perf_counter()
@@ -666,7 +667,7 @@ def process_slide(
         result.bag_path = str(bag_path)
         result.status = "ok"
         if config.qc:
-            from feature_extraction.qc import save_qc_thumbnail
+            from milkit.feature_extraction.qc import save_qc_thumbnail
 
             try:
                 save_qc_thumbnail(slide, tissue, grid, out_dir / "qc" / f"{slide_id}.png")
@@ -695,7 +696,7 @@ def resolve_device(device: str) -> str:
 def _mpp_lookup(config: ExtractConfig) -> dict[str, float]:
     if config.mpp_csv is None:
         return {}
-    from feature_extraction.slides import read_mpp_csv
+    from milkit.feature_extraction.slides import read_mpp_csv
 
     return read_mpp_csv(config.mpp_csv)
 
@@ -710,9 +711,9 @@ def preprocess(
     Returns a :class:`RunSummary`; per-slide failures are recorded there and in
     ``out_dir/manifest.csv`` instead of being raised.
     """
+    from milkit.feature_extraction.encoders import create_encoder
     from tqdm.auto import tqdm
 
-    from feature_extraction.encoders import create_encoder
     from milkit.bags import is_complete_bag, read_bag_header
 
     config = config or ExtractConfig()

@@ -11,9 +11,9 @@ from typing import Any
 
 import cv2
 import numpy as np
+from milkit.feature_extraction.tiling import TileGrid
+from milkit.feature_extraction.tissue import TissueMask
 
-from feature_extraction.tiling import TileGrid
-from feature_extraction.tissue import TissueMask
 from milkit.atomic import atomic_path
 from milkit.errors import MilkitError
 

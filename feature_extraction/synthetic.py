@@ -22,8 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import tifffile
+from milkit.feature_extraction.coverage import box_coverage
 
-from feature_extraction.coverage import box_coverage
 from milkit.atomic import atomic_path
 from milkit.errors import MilkitError
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from milkit.feature_extraction.coverage import box_coverage, summed_area_table
+from milkit.feature_extraction.tissue import TissueMask
 
-from feature_extraction.coverage import box_coverage, summed_area_table
-from feature_extraction.tissue import TissueMask
 from milkit.errors import MilkitError
 
 DEFAULT_MPP = 0.5  # 20x under the 10 µm/px ⇔ 1x convention

@@ -176,7 +176,7 @@ def load_checkpoint(
                 path=path,
                 hint="Pass the model explicitly: load_checkpoint(path, model=...)",
             )
-        import models
+        from milkit import models
 
         try:
             model = models.create(

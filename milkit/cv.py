@@ -48,7 +48,7 @@ class CVResult:
 
 def build_model(model_name: str, in_dim: int, num_classes: int, model_kwargs: Mapping | None):
     """``models.create`` with registry errors turned into one-line MilkitErrors."""
-    import models
+    from milkit import models
 
     try:
         return models.create(model_name, in_dim, num_classes, **dict(model_kwargs or {}))

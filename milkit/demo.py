@@ -143,8 +143,8 @@ def validate_options(
     n_slides: int, slide_size: int, folds: int, epochs: int, model: str, encoder: str = "fast"
 ) -> None:
     """Everything checkable before any work: sizes, fold count, model and encoder names."""
-    import models
-    from feature_extraction.encoders.registry import get_encoder_cfg
+    from milkit import models
+    from milkit.feature_extraction.encoders.registry import get_encoder_cfg
 
     if folds < 2:
         raise MilkitError("the demo needs at least 2 folds", value=folds, hint="Use --folds 2")
@@ -186,7 +186,7 @@ def make_cohort(slides_dir: Path, n_slides: int, size: int, seed: int) -> bool:
     """Stage 1: synthetic slides + labels.csv; returns True when an existing cohort was reused."""
     import pandas as pd
 
-    from feature_extraction.synthetic import make_synthetic_cohort, masks_path_for
+    from milkit.feature_extraction.synthetic import make_synthetic_cohort, masks_path_for
 
     params = {
         "n_slides": n_slides,
@@ -234,7 +234,7 @@ def make_cohort(slides_dir: Path, n_slides: int, size: int, seed: int) -> bool:
 
 def extract_bags(slides_dir: Path, bags_dir: Path, encoder: str, progress: bool) -> Any:
     """Stage 2: ``feature_extraction.extract.preprocess`` (complete bags are skipped)."""
-    from feature_extraction.extract import ExtractConfig, preprocess
+    from milkit.feature_extraction.extract import ExtractConfig, preprocess
 
     # Reader workers cost a process start each; the demo's slides are small, so tiles are
     # read in the main process (measured faster on 2 cores).
@@ -371,7 +371,7 @@ def run_checks_stage(model: str, check_dir: Path, progress: bool) -> tuple[list,
 
     Returns (test results, property results, reused) as plain dicts from ``report.json``.
     """
-    import models
+    from milkit import models
     from milkit.assumptions.properties import check_properties
     from milkit.assumptions.report import save_report
     from milkit.assumptions.runner import CheckConfig, check_overrides, run_checks

@@ -290,7 +290,7 @@ def heatmap_for_slide(
         else _patch_size_level0(attrs, coords, bag_path)
     )
     if slide_path is not None:
-        from feature_extraction.slides import Slide
+        from milkit.feature_extraction.slides import Slide
 
         with Slide(slide_path) as slide:
             thumb = slide.thumbnail(thumbnail_size)

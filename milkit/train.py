@@ -139,7 +139,7 @@ class TrainConfig:
             )
         values: dict[str, Any] = {}
         if preset == "official":
-            from models.registry import get_entry
+            from milkit.models.registry import get_entry
 
             try:
                 entry = get_entry(model_name)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from models.base import MILModel, MILOutput, check_bag_input
-from models.registry import (
+from milkit.models.base import MILModel, MILOutput, check_bag_input
+from milkit.models.registry import (
     accepted_parameters,
     create,
     get_entry,

@@ -6,11 +6,10 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+from milkit.models.base import MILModel, MILOutput, check_bag_input
+from milkit.models.layers.attention_pool import AttentionPool, make_act
+from milkit.models.registry import register_aggregator
 from torch import Tensor, nn
-
-from models.base import MILModel, MILOutput, check_bag_input
-from models.layers.attention_pool import AttentionPool, make_act
-from models.registry import register_aggregator
 
 
 def init_xavier_(module: nn.Module) -> None:

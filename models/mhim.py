@@ -8,14 +8,13 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from milkit.models.abmil import ABMIL
+from milkit.models.base import MILModel, MILOutput, check_bag_input
+from milkit.models.layers.grn import GlobalRecycleNetwork
+from milkit.models.layers.mhim_masking import cosine_value, mhim_mask, random_subset
+from milkit.models.registry import register_aggregator
+from milkit.models.transmil import TransMIL
 from torch import Tensor
-
-from models.abmil import ABMIL
-from models.base import MILModel, MILOutput, check_bag_input
-from models.layers.grn import GlobalRecycleNetwork
-from models.layers.mhim_masking import cosine_value, mhim_mask, random_subset
-from models.registry import register_aggregator
-from models.transmil import TransMIL
 
 _DOC = """
     Paper: Tang et al., "Multiple Instance Learning Framework with Masked Hard Instance Mining for

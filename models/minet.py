@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from milkit.models.base import MILModel, MILOutput, check_bag_input
+from milkit.models.registry import register_aggregator
 from torch import Tensor, nn
-
-from models.base import MILModel, MILOutput, check_bag_input
-from models.registry import register_aggregator
 
 
 def _masked_max(scores: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -111,4 +111,4 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 
 def _ensure_loaded() -> None:
-    import models  # noqa: F401  # importing the package registers every model module
+    from milkit import models  # noqa: F401  # importing the package registers every model module

@@ -7,12 +7,11 @@ from typing import Any, ClassVar
 
 import torch
 from einops import rearrange
+from milkit.models.abmil import init_xavier_
+from milkit.models.base import MILModel, MILOutput, check_bag_input
+from milkit.models.layers.nystrom import NystromAttention
+from milkit.models.registry import register_aggregator
 from torch import Tensor, nn
-
-from models.abmil import init_xavier_
-from models.base import MILModel, MILOutput, check_bag_input
-from models.layers.nystrom import NystromAttention
-from models.registry import register_aggregator
 
 
 class TransLayer(nn.Module):

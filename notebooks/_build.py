@@ -99,7 +99,7 @@ tumour regions, one is normal tissue only. The ground-truth masks are saved besi
 (`<name>.masks.npz`), which lets us check later that the features see the tumour.
 """),
         code("""
-from feature_extraction.synthetic import make_synthetic_slide
+from milkit.feature_extraction.synthetic import make_synthetic_slide
 
 SLIDES = WORK / "slides"
 SLIDES.mkdir()
@@ -243,7 +243,7 @@ a MIL model has to find without ever being told which tiles are tumour.
 """),
         code("""
 from milkit.bags import read_bag
-from feature_extraction.synthetic import load_synthetic_masks, tumour_fraction_of_tiles
+from milkit.feature_extraction.synthetic import load_synthetic_masks, tumour_fraction_of_tiles
 
 feats, fracs = [], []
 for s in synthetic[:2]:
@@ -300,8 +300,8 @@ models' official recipes (`--preset official`).
 `case_id` column keeps all slides of one patient in the same fold (here: one slide per case).
 """),
         code("""
-from feature_extraction.synthetic import make_synthetic_cohort
-from feature_extraction.extract import ExtractConfig, preprocess
+from milkit.feature_extraction.synthetic import make_synthetic_cohort
+from milkit.feature_extraction.extract import ExtractConfig, preprocess
 
 SLIDES, BAGS = WORK / "slides", WORK / "bags"
 labels = make_synthetic_cohort(SLIDES, 20, size=(1536, 1536), tumour_fraction=0.08, seed=0)
@@ -383,7 +383,7 @@ tiles carry most of the weight, so a second tumour region can stay cool even whe
 classified correctly. Use `--normalize rank` for CLAM-style percentile colouring.
 """),
         code("""
-from feature_extraction.synthetic import load_synthetic_masks
+from milkit.feature_extraction.synthetic import load_synthetic_masks
 
 slide_id = labels.loc[labels["label"] == "tumour", "slide_id"].iloc[0]
 slide_path = SLIDES / f"{slide_id}.svs"

@@ -5,8 +5,8 @@
 loads no weights and touches no network.
 """
 
-from feature_extraction.encoders import fast, resnet, vit  # noqa: F401  (registration)
-from feature_extraction.encoders.registry import (
+from milkit.feature_extraction.encoders import fast, resnet, vit  # noqa: F401  (registration)
+from milkit.feature_extraction.encoders.registry import (
     EncoderCfg,
     PatchEncoder,
     create_encoder,

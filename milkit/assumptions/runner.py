@@ -250,7 +250,7 @@ def _is_width(param: str) -> bool:
 
 def check_overrides(name: str, cfg: CheckConfig | None = None) -> dict[str, Any]:
     """Constructor overrides used by the check for model ``name`` (see ``SMALL_OVERRIDES``)."""
-    import models
+    from milkit import models
 
     cfg = cfg or CheckConfig()
     entry = models.get_entry(name)
@@ -289,7 +289,7 @@ def _dataset(draw: MILDraw) -> Any:
 
 
 def _build(model: str | Candidate, dim: int, overrides: dict[str, Any]) -> Any:
-    import models
+    from milkit import models
 
     if isinstance(model, Candidate):
         return model.build(dim, 2)
@@ -384,7 +384,7 @@ def run_checks(
     ``candidates`` are registry names or ``Candidate`` objects (hand-made models). Task draws
     are made once per (test, seed) and shared by all models.
     """
-    import models
+    from milkit import models
 
     cfg = cfg or CheckConfig()
     resolved = [c if isinstance(c, Candidate) else models.get_entry(c).name for c in candidates]

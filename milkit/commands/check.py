@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _model_names(args: argparse.Namespace) -> list[str]:
     from milkit.errors import MilkitError
-    from models.registry import get_entry, list_models
+    from milkit.models.registry import get_entry, list_models
 
     names = [n.strip() for item in args.model for n in item.split(",") if n.strip()]
     if args.all:
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from milkit.assumptions.properties import check_properties
     from milkit.assumptions.report import save_report, text_table
     from milkit.assumptions.runner import ERROR, FAIL, check_overrides, run_checks
-    from models.registry import create
+    from milkit.models.registry import create
 
     names = _model_names(args)
     cfg = _config(args)

@@ -70,8 +70,8 @@ def describe_bag(path: Path) -> dict[str, Any]:
 
 def describe_slide(path: Path) -> dict[str, Any]:
     """Vendor, reader, pyramid levels, mpp and magnification of a slide."""
-    from feature_extraction.slides import Slide
     from milkit.errors import MilkitError
+    from milkit.feature_extraction.slides import Slide
 
     with Slide(path) as s:
         info: dict[str, Any] = {
@@ -100,7 +100,7 @@ def describe_slide(path: Path) -> dict[str, Any]:
 
 
 def describe_encoders() -> list[dict[str, Any]]:
-    from feature_extraction.encoders import get_encoder_cfg, list_encoders
+    from milkit.feature_extraction.encoders import get_encoder_cfg, list_encoders
 
     rows = []
     for name in list_encoders():

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def model_table(pattern: str | None = None, verbose: bool = False) -> list[str]:
     """Lines of the table: name, description (and details with ``verbose``)."""
-    from models.registry import get_entry, list_models
+    from milkit.models.registry import get_entry, list_models
 
     names = list_models(pattern)
     width = max((len(n) for n in names), default=4)

@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace):  # -> ExtractConfig
     """The :class:`ExtractConfig` equal to the parsed command line."""
-    from feature_extraction.extract import ExtractConfig, parse_shard
+    from milkit.feature_extraction.extract import ExtractConfig, parse_shard
 
     return ExtractConfig(
         encoder=args.encoder,
@@ -90,7 +90,7 @@ def config_from_args(args: argparse.Namespace):  # -> ExtractConfig
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from feature_extraction.extract import preprocess
+    from milkit.feature_extraction.extract import preprocess
 
     summary = preprocess(args.slides, args.out, config_from_args(args))
     print(summary.format(), file=sys.stderr if summary.exit_code else sys.stdout)

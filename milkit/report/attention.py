@@ -211,9 +211,9 @@ def tumour_heatmap(
     label: str = "log10(attn)",
 ) -> Path:
     """Tile-score heatmap (log scale) on the slide thumbnail, planted tumour outlined."""
-    from feature_extraction.slides import Slide
-    from feature_extraction.synthetic import load_synthetic_masks
     from milkit.bags import read_bag_header
+    from milkit.feature_extraction.slides import Slide
+    from milkit.feature_extraction.synthetic import load_synthetic_masks
     from milkit.heatmap import draw_heatmap
 
     header = read_bag_header(bag_path)

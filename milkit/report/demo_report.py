@@ -104,8 +104,8 @@ def pooled_roc(run_dir: Path, folds: Sequence[int], class_names: Sequence[str], 
 
 
 def _tumour_coverage(slide_path: str, bag_path: str) -> np.ndarray:
-    from feature_extraction.synthetic import load_synthetic_masks, tumour_fraction_of_tiles
     from milkit.bags import read_bag
+    from milkit.feature_extraction.synthetic import load_synthetic_masks, tumour_fraction_of_tiles
 
     bag = read_bag(bag_path)
     masks = load_synthetic_masks(slide_path)

@@ -18,9 +18,8 @@ import math
 
 import torch
 from einops import rearrange
+from milkit.models.layers.masking import fill_masked, masked_softmax
 from torch import Tensor, nn
-
-from models.layers.masking import fill_masked, masked_softmax
 
 
 class MultiHeadQueryPool(nn.Module):

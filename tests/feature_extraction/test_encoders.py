@@ -10,10 +10,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from milkit.feature_extraction.encoders import create_encoder, get_encoder_cfg, list_encoders
+from milkit.feature_extraction.encoders import vit as vit_mod
+from milkit.feature_extraction.encoders.resnet import build_resnet50_backbone
 
-from feature_extraction.encoders import create_encoder, get_encoder_cfg, list_encoders
-from feature_extraction.encoders import vit as vit_mod
-from feature_extraction.encoders.resnet import build_resnet50_backbone
 from milkit.errors import MilkitError
 
 

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from feature_extraction.extract import (
+from milkit.feature_extraction.extract import (
     ExtractConfig,
     acquire_lock,
     discover_slides,
@@ -25,6 +24,7 @@ from feature_extraction.extract import (
     read_manifest,
     select_shard,
 )
+
 from milkit.bags import is_complete_bag, read_bag, write_bag
 from milkit.errors import MilkitError
 
@@ -255,7 +255,7 @@ def _corrupt_tile(path: Path, tile_index: int) -> None:
 
 @pytest.fixture(scope="module")
 def synthetic_slides(tmp_path_factory):
-    from feature_extraction.synthetic import make_synthetic_slide
+    from milkit.feature_extraction.synthetic import make_synthetic_slide
 
     d = tmp_path_factory.mktemp("synth")
     out = {}
@@ -299,7 +299,7 @@ def test_corrupt_tiles_are_counted_and_dropped(synthetic_slides, tmp_path):
 
 
 def test_fast_features_separate_tumour_tiles(synthetic_slides, tmp_path):
-    from feature_extraction.synthetic import tumour_fraction_of_tiles
+    from milkit.feature_extraction.synthetic import tumour_fraction_of_tiles
 
     slide = synthetic_slides["tumour_a"]
     preprocess([slide.path], tmp_path, ExtractConfig(**FAST))
@@ -321,8 +321,8 @@ _KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    import feature_extraction.encoders.registry as reg
-    from feature_extraction.extract import ExtractConfig, preprocess
+    import milkit.feature_extraction.encoders.registry as reg
+    from milkit.feature_extraction.extract import ExtractConfig, preprocess
 
     calls = {"n": 0}
     original = reg.PatchEncoder.encode
@@ -343,7 +343,7 @@ _KILL_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_bags(tmp_path):
-    from feature_extraction.synthetic import make_synthetic_slide
+    from milkit.feature_extraction.synthetic import make_synthetic_slide
 
     slides = [
         make_synthetic_slide(tmp_path / f"{name}.svs", 1024, 1024, seed=i, tissue_fraction=0.8).path
@@ -380,10 +380,9 @@ def test_killed_run_resumes_to_identical_bags(tmp_path):
 @pytest.mark.slow
 def test_resnet50_trunc_run_with_local_checkpoint(tmp_path):
     import torch
-
-    from feature_extraction.encoders.registry import file_sha256
-    from feature_extraction.encoders.resnet import build_resnet50_backbone
-    from feature_extraction.synthetic import make_synthetic_slide
+    from milkit.feature_extraction.encoders.registry import file_sha256
+    from milkit.feature_extraction.encoders.resnet import build_resnet50_backbone
+    from milkit.feature_extraction.synthetic import make_synthetic_slide
 
     slide = make_synthetic_slide(tmp_path / "tiny.svs", 512, 512, mpp=0.5, tissue_fraction=0.9)
     weights = tmp_path / "resnet50.pth"
@@ -398,7 +397,7 @@ def test_resnet50_trunc_run_with_local_checkpoint(tmp_path):
     bag = read_bag(tmp_path / "out" / "tiny.h5")
     assert bag.features.shape == (result.n_tiles, 1024) and np.isfinite(bag.features).all()
     assert bag.features_attrs["encoder_weights_sha256"] == file_sha256(weights)
-    from feature_extraction.encoders.registry import cpu_has_native_bf16
+    from milkit.feature_extraction.encoders.registry import cpu_has_native_bf16
 
     # CPU default: bf16 autocast where the CPU has native bf16, else fp32.
     assert bag.features_attrs["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")

@@ -7,12 +7,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from milkit.feature_extraction.qc import TILE_RGB, TISSUE_RGB, draw_qc, save_qc_thumbnail
+from milkit.feature_extraction.slides import Slide
+from milkit.feature_extraction.synthetic import make_synthetic_slide
+from milkit.feature_extraction.tiling import TileSpec, plan_tiles
+from milkit.feature_extraction.tissue import TissueMask, TissueParams, segment_tissue
 
-from feature_extraction.qc import TILE_RGB, TISSUE_RGB, draw_qc, save_qc_thumbnail
-from feature_extraction.slides import Slide
-from feature_extraction.synthetic import make_synthetic_slide
-from feature_extraction.tiling import TileSpec, plan_tiles
-from feature_extraction.tissue import TissueMask, TissueParams, segment_tissue
 from milkit.errors import MilkitError
 
 

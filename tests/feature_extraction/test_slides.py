@@ -7,16 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from feature_extraction import slides as slides_mod
-from feature_extraction.slides import (
+from milkit.feature_extraction import slides as slides_mod
+from milkit.feature_extraction.slides import (
     Slide,
     TileReadError,
     _composite_on_white,
     open_slide,
     read_mpp_csv,
 )
-from feature_extraction.synthetic import make_plain_tiff, make_synthetic_slide, render_region
+from milkit.feature_extraction.synthetic import make_plain_tiff, make_synthetic_slide, render_region
+
 from milkit.errors import MilkitError
 
 
@@ -202,7 +202,7 @@ def test_read_mpp_csv(tmp_path: Path) -> None:
 
 
 def test_premultiplied_bgra_composited_on_white() -> None:
-    from feature_extraction.slides import _premultiplied_bgra_on_white
+    from milkit.feature_extraction.slides import _premultiplied_bgra_on_white
 
     buf = np.zeros((1, 3, 4), dtype=np.uint8)
     buf[0, 0] = (0, 0, 0, 0)  # transparent → white

@@ -11,9 +11,8 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from feature_extraction.coverage import box_coverage
-from feature_extraction.synthetic import (
+from milkit.feature_extraction.coverage import box_coverage
+from milkit.feature_extraction.synthetic import (
     SyntheticSlide,
     load_synthetic_masks,
     make_layout,
@@ -23,6 +22,7 @@ from feature_extraction.synthetic import (
     render_region,
     tumour_fraction_of_tiles,
 )
+
 from milkit.errors import MilkitError
 
 

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from feature_extraction.slides import Slide
-from feature_extraction.synthetic import make_synthetic_slide
-from feature_extraction.tiling import (
+from milkit.feature_extraction.slides import Slide
+from milkit.feature_extraction.synthetic import make_synthetic_slide
+from milkit.feature_extraction.tiling import (
     LEVEL_TOLERANCE,
     TileSpec,
     choose_read_level,
@@ -20,7 +19,8 @@ from feature_extraction.tiling import (
     plan_tiles,
     read_tile,
 )
-from feature_extraction.tissue import TissueMask, TissueParams, segment_tissue
+from milkit.feature_extraction.tissue import TissueMask, TissueParams, segment_tissue
+
 from milkit.errors import MilkitError
 
 DESIGN_COORDS_ATTRS = {

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from feature_extraction.slides import Slide
-from feature_extraction.synthetic import make_synthetic_slide
-from feature_extraction.tissue import (
+from milkit.feature_extraction.slides import Slide
+from milkit.feature_extraction.synthetic import make_synthetic_slide
+from milkit.feature_extraction.tissue import (
     PRESETS,
     TissueParams,
     clean_mask,
@@ -19,6 +18,7 @@ from feature_extraction.tissue import (
     segment_rgb,
     segment_tissue,
 )
+
 from milkit.errors import MilkitError
 
 PINK = (220, 120, 180)

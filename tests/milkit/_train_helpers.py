@@ -41,7 +41,7 @@ def datasets(n_train: int = 24, n_val: int = 12, dim: int = 8, seed: int = 0, sh
 
 
 def small_abmil(dim: int = 8, dropout: float = 0.25, seed: int = 0):
-    import models
+    from milkit import models
 
     torch.manual_seed(seed)
     return models.create(

@@ -7,10 +7,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from milkit.models.base import MILModel, MILOutput, check_bag_input
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
-import models
+from milkit import models
 from milkit.assumptions.runner import (
     DID_NOT_LEARN,
     ERROR,
@@ -25,7 +26,6 @@ from milkit.assumptions.runner import (
     verdict,
 )
 from milkit.errors import MilkitError
-from models.base import MILModel, MILOutput, check_bag_input
 
 
 class MeanPool(MILModel):

@@ -53,7 +53,7 @@ def test_two_process_ddp_equals_single_process_with_accumulation(tmp_path):
     import torch.nn.parallel
 
     import milkit.metrics  # noqa: F401
-    import models  # noqa: F401
+    from milkit import models  # noqa: F401
 
     mp.start_processes(
         _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"

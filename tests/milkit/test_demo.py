@@ -365,7 +365,7 @@ def test_too_few_usable_bags_names_the_first_error(monkeypatch, tmp_path: Path) 
 def test_models_without_attention_are_scored_by_instances() -> None:
     import torch
 
-    import models
+    from milkit import models
     from milkit.data import InMemoryBagDataset
     from milkit.report.attention import _instance_scores
 

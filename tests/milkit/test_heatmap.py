@@ -98,7 +98,7 @@ def test_heatmap_for_real_slide(tmp_path: Path, slides_dir: Path) -> None:
         slide, bag, [0.0, 1.0], tmp_path / "cmu.png", thumbnail_size=300, alpha=0.7
     )
     img = _png(out).astype(int)
-    from feature_extraction.slides import Slide
+    from milkit.feature_extraction.slides import Slide
 
     with Slide(slide) as s:
         thumb = s.thumbnail(300).astype(int)

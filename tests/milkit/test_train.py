@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from milkit.models.base import MILModel, MILOutput
 from torch import nn
 
 from milkit.distributed import EpochSampler, balanced_weights
@@ -23,7 +24,6 @@ from milkit.train import (
     load_checkpoint,
     predict,
 )
-from models.base import MILModel, MILOutput
 from tests.milkit._train_helpers import (
     SOFTMAX_INVARIANT,
     datasets,

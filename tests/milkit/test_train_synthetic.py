@@ -18,13 +18,14 @@ N_SLIDES = 12
 
 @pytest.mark.slow
 def test_abmil_learns_synthetic_tumour_and_attends_to_it(tmp_path):
-    from feature_extraction.extract import ExtractConfig, preprocess
-    from feature_extraction.synthetic import (
+    from milkit.feature_extraction.extract import ExtractConfig, preprocess
+    from milkit.feature_extraction.synthetic import (
         load_synthetic_masks,
         make_synthetic_cohort,
         masks_path_for,
         tumour_fraction_of_tiles,
     )
+
     from milkit.bags import read_bag
     from milkit.checkpoint import load_checkpoint
     from milkit.cv import cross_validate

@@ -8,10 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from milkit.models.abmil import ABMIL
+from milkit.models.layers.attention_pool import AttentionPool
 
-import models
-from models.abmil import ABMIL
-from models.layers.attention_pool import AttentionPool
+from milkit import models
 
 
 def _set(linear: torch.nn.Linear, weight: list, bias: list | None) -> None:
@@ -113,7 +113,7 @@ def test_padding_gives_zero_weight_and_same_result(n, pad, gated, seed):
 
 def test_clam_state_dict_maps_onto_fused_gated_pool():
     # A CLAM_SB "small" state-dict written by hand (key names of CLAM's model_clam.py).
-    from models.abmil import state_dict_from_clam
+    from milkit.models.abmil import state_dict_from_clam
 
     torch.manual_seed(0)
     clam = {

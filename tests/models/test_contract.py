@@ -12,10 +12,10 @@ import fnmatch
 
 import pytest
 import torch
+from milkit.models.base import MILModel, MILOutput
 from torch import nn
 
-import models
-from models.base import MILModel, MILOutput
+from milkit import models
 
 IN_DIM, NUM_CLASSES = 32, 3
 

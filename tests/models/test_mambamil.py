@@ -8,9 +8,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from milkit.models.layers.mamba_block import BiMamba, Mamba, SRMamba, sr_order, sr_unorder
 
-import models
-from models.layers.mamba_block import BiMamba, Mamba, SRMamba, sr_order, sr_unorder
+from milkit import models
 
 SMALL = {"dim": 16, "d_state": 4, "expand": 2, "attn_dim": 8}
 
@@ -173,7 +173,7 @@ def test_low_memory_model_equals_plain_model(name):
 @pytest.mark.slow
 def test_training_step_runs_on_long_bag_with_chunked_scan(monkeypatch):
     """A bag longer than one scan block trains (recomputing blocks in backward)."""
-    from models.layers import selective_scan
+    from milkit.models.layers import selective_scan
 
     monkeypatch.setattr(selective_scan, "_MAX_BLOCK", 128)  # several blocks ...
     monkeypatch.setattr(selective_scan, "_PLAIN_AUTOGRAD_ELEMENTS", 0)  # ... all recomputed

@@ -6,16 +6,16 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import models
-from models.layers.region_attention import (
+from milkit.models.layers.region_attention import (
     CrossRegionAttention,
     InnerAttention,
     region_grid,
     regions_to_sequence,
     sequence_to_regions,
 )
-from models.r2t import R2TEncoder
+from milkit.models.r2t import R2TEncoder
+
+from milkit import models
 
 SMALL = {"dim": 16, "n_heads": 2, "crmsa_heads": 2, "attn_dim": 8, "region_num": 2}
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import models
+from milkit import models
 
 NAMES = ["mi-net", "threshold-mil"]
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from models.layers import selective_scan as scan_module
-from models.layers.selective_scan import (
+from milkit.models.layers import selective_scan as scan_module
+from milkit.models.layers.selective_scan import (
     selective_scan,
     selective_scan_chunked,
     selective_scan_ref,
