@@ -300,6 +300,24 @@ def _cosine_lambda(total_steps: int, warmup_steps: int, floor: float) -> Callabl
     return factor
 
 
+class _TrainStep(nn.Module):
+    """``model(batch) -> training_loss`` as one module call: ``(loss, logs)``.
+
+    DDP registers parameter use only inside its wrapped ``forward``; wrapping this step (not the
+    bare model) covers every parameter a model's ``training_loss`` touches, for every model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, batch: dict[str, Any], criterion: nn.Module
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        output = self.model(batch["features"], mask=batch.get("mask"), coords=batch.get("coords"))
+        return self.model.training_loss(batch, output, criterion)
+
+
 def _dataset_labels(dataset: Dataset) -> np.ndarray:
     labels = getattr(dataset, "labels", None)
     if labels is None:
@@ -463,12 +481,15 @@ class Trainer:
         amp_on, amp_dtype = self._amp()
         scaler = torch.amp.GradScaler("cuda", enabled=amp_on and amp_dtype == torch.float16)
         criterion = self._criterion(labels)
-        net: nn.Module = model
+        # One call runs forward AND training_loss: auxiliary heads and losses (SC-MIL's
+        # projection, AEM's entropy, MHIM's masking) then use their parameters inside the
+        # DDP-wrapped forward, as DDP requires ("mark a variable ready only once" otherwise).
+        net: nn.Module = _TrainStep(model)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             net = DistributedDataParallel(
-                model,
+                net,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,  # MIL models may skip branches on some bags
             )
@@ -603,7 +624,7 @@ class Trainer:
         amp_dtype: torch.dtype,
     ) -> tuple[dict[str, Any], int]:
         cfg = self.config
-        model.train()
+        net.train()  # also sets model.train() (net wraps it)
         _set_train_mode(loader.dataset, True)
         batches = len(loader)
         sums: dict[str, float] = {}
@@ -620,9 +641,7 @@ class Trainer:
                 sync = net.no_sync()  # type: ignore[operator]
             with sync:
                 with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_on):
-                    output = net(batch["features"], mask=batch.get("mask"),
-                                 coords=batch.get("coords"))  # fmt: skip
-                    loss, logs = model.training_loss(batch, output, criterion)
+                    loss, logs = net(batch, criterion)
                 if not torch.isfinite(loss):
                     raise MilkitError(
                         "training loss is not finite",

@@ -1,0 +1,102 @@
+"""Every registered aggregator trains under DDP (2 gloo ranks), and the ranks stay in lockstep.
+
+One process pair trains every model of ``milkit.models.list_models()`` in sequence (tiny dims
+from the contract test's ``SMALL``, a few tiny bags, two optimiser steps), so the whole registry
+costs one process start-up. A model whose auxiliary loss (SC-MIL's projection head, AEM's
+entropy term, MHIM's teacher) touches parameters outside the DDP-wrapped call used to crash with
+"Expected to mark a variable ready only once".
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from milkit import models
+from tests.models.test_contract import IN_DIM, SMALL
+
+NAMES = models.list_models()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bags(n_bags: int, seed: int):
+    from milkit.data import InMemoryBagDataset
+
+    g = torch.Generator().manual_seed(seed)
+    bags, coords, labels = [], [], []
+    for i in range(n_bags):
+        n = 5 + i % 4
+        x = torch.randn(n, IN_DIM, generator=g)
+        y = i % 2
+        x[0, 0] += 3.0 * y
+        idx = torch.arange(n)
+        bags.append(x)
+        coords.append(torch.stack([idx % 3, idx // 3], dim=-1) * 256)
+        labels.append(y)
+    return InMemoryBagDataset(bags, labels, coords=coords)
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # fmt: skip
+    torch.set_num_threads(1)
+    # A short collective timeout: a model that fails on one rank only must not hang the test.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    from milkit.distributed import cleanup_distributed
+    from milkit.train import TrainConfig, Trainer
+
+    results: dict[str, dict] = {}
+    for name in NAMES:
+        try:
+            torch.manual_seed(0)
+            model = models.create(name, IN_DIM, 2, **SMALL.get(name, {}))
+            batch = 4 if model.supports_padding else 1  # 4 bags of 2 classes: a positive pair
+            cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=batch, progress=False, seed=0)
+            # 2 optimiser steps per rank
+            train = _bags(4 * batch, seed=1)
+            Trainer(model, cfg, None).fit(train)
+            params = torch.cat([p.detach().flatten() for p in model.parameters()])
+            results[name] = {"ok": True, "checksum": float(params.double().sum()),
+                             "finite": bool(torch.isfinite(params).all())}  # fmt: skip
+        except Exception as err:  # recorded, so every model is tried
+            results[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:300]}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    cleanup_distributed()
+
+
+@pytest.mark.slow
+def test_every_registered_model_trains_under_ddp(tmp_path):
+    # fork: the children reuse the modules imported here (see test_ddp.py)
+    import sklearn.metrics  # noqa: F401
+    import torch._dynamo
+    import torch.nn.parallel  # noqa: F401
+
+    import milkit.metrics
+    import milkit.train  # noqa: F401
+
+    mp.start_processes(
+        _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    failed = {n: r0[n].get("error") or r1[n].get("error") for n in NAMES
+              if not (r0[n]["ok"] and r1[n]["ok"])}  # fmt: skip
+    assert not failed, failed
+    for name in NAMES:
+        assert r0[name]["finite"], name
+        # DDP averages gradients, so both ranks hold the same weights after every step
+        assert r0[name]["checksum"] == pytest.approx(r1[name]["checksum"], rel=1e-5, abs=1e-5), name
