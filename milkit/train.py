@@ -66,7 +66,7 @@ __all__ = [
 
 _CHOICES = {
     "optimizer": ("adam", "adamw"),
-    "scheduler": ("cosine", "none"),
+    "scheduler": ("cosine", "cosine-epoch", "none"),
     "sampling": ("none", "balanced"),
     "monitor": ("val_auc", "val_loss"),
 }
@@ -84,7 +84,10 @@ class TrainConfig:
     optimizer: str = "adamw"  # "adam" | "adamw"
     lr: float = 2e-4
     weight_decay: float = 1e-5
-    scheduler: str = "cosine"  # "cosine" | "none"; stepped once per optimiser step
+    # "cosine": stepped once per optimiser step; "cosine-epoch": the LR is constant within an
+    # epoch and follows the cosine over epochs (CosineAnnealingLR(T_max=epochs) stepped per
+    # epoch, as MHIM-MIL / R2T-MIL main.py); "none"
+    scheduler: str = "cosine"
     warmup_epochs: float = 0
     min_lr: float = 0.0  # cosine floor (added here; CosineAnnealingLR's eta_min)
     batch_size: int = 1
@@ -475,6 +478,11 @@ class Trainer:
             floor = cfg.min_lr / cfg.lr
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, _cosine_lambda(total_steps, warmup, floor)
+            )
+        elif cfg.scheduler == "cosine-epoch":  # same curve, evaluated at the epoch index
+            per_epoch = _cosine_lambda(cfg.epochs, round(cfg.warmup_epochs), cfg.min_lr / cfg.lr)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step, f=per_epoch, spe=steps_per_epoch: f(step // spe)
             )
         else:
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument("--lr", type=float)
     opt.add_argument("--weight-decay", type=float)
     opt.add_argument("--optimizer", choices=("adam", "adamw"))
-    opt.add_argument("--scheduler", choices=("cosine", "none"))
+    opt.add_argument("--scheduler", choices=("cosine", "cosine-epoch", "none"))
     opt.add_argument("--warmup-epochs", type=float)
     opt.add_argument("--batch-size", type=int, help="bags per step (padded with a mask)")
     opt.add_argument("--accumulate", type=int, help="gradient accumulation steps")
