@@ -260,20 +260,102 @@ def read_bag_header(path: str | os.PathLike[str]) -> BagHeader:
         )
 
 
+# numpy objects a ``torch.save(np.ndarray)`` pickle refers to (TRIDENT's ``saveas='pt'``): the
+# array rebuild function, the array and dtype types and the numeric dtype classes. These
+# construct plain numeric arrays only; every other global stays refused by ``weights_only``.
+# ``numpy.core`` is numpy 1.x's name of ``numpy._core`` (files written with numpy < 2). An empty
+# array (TRIDENT's slide without tissue) pickles its data as ``__builtin__.bytes()``, a constructor
+# that cannot run code.
+_NUMERIC_DTYPE_CLASSES = [
+    "BoolDType",
+    "Float16DType",
+    "Float32DType",
+    "Float64DType",
+    "Int8DType",
+    "Int16DType",
+    "Int32DType",
+    "Int64DType",
+    "UInt8DType",
+    "UInt16DType",
+    "UInt32DType",
+    "UInt64DType",
+]
+
+
+def _numpy_pickle_globals() -> list[Any]:
+    """The allow-list handed to ``torch.serialization.safe_globals`` for ``.pt`` bags."""
+    from numpy._core.multiarray import _reconstruct
+
+    allowed: list[Any] = [
+        _reconstruct,
+        (_reconstruct, "numpy.core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+        bytes,  # "__builtin__.bytes" in protocol 2, mapped to builtins by the unpickler
+    ]
+    for name in _NUMERIC_DTYPE_CLASSES:
+        cls = getattr(np.dtypes, name)
+        allowed += [cls, (cls, f"numpy.dtypes.{name}")]
+    return allowed
+
+
+def _one_line(text: str) -> str:
+    """``text`` without ANSI escapes and newlines (torch's refusal is 15 coloured lines)."""
+    import re
+
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
+
+
 def _read_pt(path: Path) -> Bag:
+    """Read a ``.pt`` bag: a tensor (CLAM ``pt_files/``) or a numpy array (TRIDENT ``saveas='pt'``).
+
+    Loaded with ``weights_only=True`` plus the numpy allow-list above, so a pickle that would call
+    anything else (os.system, a custom class) is refused before it runs.
+
+    Raises:
+        MilkitError: one line naming the file, for a refused global, a corrupt file, or content
+            that is not an (N, D) floating-point array.
+    """
+    import pickle
+    import re
+    import warnings
+
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_pickle_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # old pickle protocols warn
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", _one_line(str(err)))
+        what = found.group(1) if found else _one_line(str(err))[:200]
+        raise MilkitError(
+            f"refusing to load .pt bag: it needs {what}, which is not a tensor or numpy array "
+            "(loading it could run code)",
+            path=path,
+            hint="A .pt bag must hold one (N, D) tensor or numpy array; only load files you trust",
+        ) from None
     except Exception as err:
         raise MilkitError(
-            f"cannot load legacy .pt bag ({type(err).__name__}: {err})",
+            f"cannot load .pt bag ({type(err).__name__}: {_one_line(str(err))[:200]})",
             path=path,
-            hint="Legacy bags must hold a plain (N, D) tensor; convert others to HDF5",
-        ) from err
-    arr = obj.numpy() if isinstance(obj, torch.Tensor) else np.asarray(obj)
+            hint="The file is truncated or not a PyTorch file; re-extract its features",
+        ) from None
+    if isinstance(obj, torch.Tensor):
+        arr = obj.float().numpy() if obj.dtype == torch.bfloat16 else obj.numpy()
+    elif isinstance(obj, np.ndarray):
+        arr = obj
+    else:
+        raise MilkitError(
+            f".pt bag must hold one (N, D) tensor or numpy array, got {type(obj).__name__}",
+            path=path,
+        )
+    if arr.dtype.kind != "f":
+        raise MilkitError(
+            ".pt bag features must be floating point", value=str(arr.dtype), path=path
+        )
     if arr.ndim != 2:
-        raise MilkitError("legacy .pt bag must hold an (N, D) tensor", value=arr.shape, path=path)
+        raise MilkitError(".pt bag must hold an (N, D) array", value=arr.shape, path=path)
     return Bag(path=path, features=np.ascontiguousarray(arr), coords=None, source="pt")
 
 
