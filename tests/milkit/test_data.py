@@ -94,7 +94,7 @@ def test_every_problem_reported_in_one_error(tmp_path: Path) -> None:
     assert problems["missing bag"] == ["ghost", "nolab"]
     assert problems["empty bag (0 instances)"] == ["empty"]
     assert sorted(problems["NaN/inf features"]) == ["inf", "nan"]
-    assert problems["empty label"] == ["nolab"]
+    assert problems["missing label"] == ["nolab"]
     assert problems["feature dim differs from the majority D=8"] == ["wide (D=16)"]
     for name in ("ok2", "ghost", "empty", "nan", "inf", "wide", "nolab"):
         assert name in msg
