@@ -1,0 +1,1 @@
+"""Adapters that let other MIL toolkits drive milkit models (optional dependencies)."""
