@@ -303,6 +303,15 @@ def _cosine_lambda(total_steps: int, warmup_steps: int, floor: float) -> Callabl
     return factor
 
 
+def _cosine_epoch_lambda(
+    steps_per_epoch: int, epochs: int, warmup_epochs: int, floor: float
+) -> Callable[[int], float]:
+    """The cosine of ``_cosine_lambda`` over EPOCHS, held constant within each epoch: the LR of
+    ``CosineAnnealingLR(T_max=epochs, eta_min=floor·lr)`` stepped once per epoch."""
+    per_epoch = _cosine_lambda(epochs, warmup_epochs, floor)
+    return lambda step: per_epoch(step // steps_per_epoch)
+
+
 class _TrainStep(nn.Module):
     """``model(batch) -> training_loss`` as one module call: ``(loss, logs)``.
 
@@ -479,10 +488,12 @@ class Trainer:
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, _cosine_lambda(total_steps, warmup, floor)
             )
-        elif cfg.scheduler == "cosine-epoch":  # same curve, evaluated at the epoch index
-            per_epoch = _cosine_lambda(cfg.epochs, round(cfg.warmup_epochs), cfg.min_lr / cfg.lr)
+        elif cfg.scheduler == "cosine-epoch":
             scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step, f=per_epoch, spe=steps_per_epoch: f(step // spe)
+                optimizer,
+                _cosine_epoch_lambda(
+                    steps_per_epoch, cfg.epochs, round(cfg.warmup_epochs), cfg.min_lr / cfg.lr
+                ),
             )
         else:
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
