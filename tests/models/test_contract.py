@@ -29,6 +29,10 @@ SMALL: dict[str, dict] = {
     "mambamil": {"dim": 32, "d_state": 4, "attn_dim": 16},
     "mambamil-bimamba": {"dim": 32, "d_state": 4, "attn_dim": 16},
     "mambamil-mamba": {"dim": 32, "d_state": 4, "attn_dim": 16},
+    # Without subtyping CLAM trains only the instance classifier of each bag's own class (the
+    # others keep grad None, as in the official code); the gradient batch has no class-2 bag.
+    "clam-sb": {"subtyping": True},
+    "clam-mb": {"subtyping": True},
 }
 
 # Parameters without gradients by design, as fnmatch patterns over parameter names.
