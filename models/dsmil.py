@@ -106,8 +106,7 @@ class DSMIL(MILModel):
     first maximum of ``c`` over real instances (official: the first element of a descending
     ``torch.sort``, which may pick another instance among exact ties). ``training_preset``
     differs from ``train_tcga.py`` where ``TrainConfig`` cannot express it: Adam betas are
-    PyTorch's (0.9, 0.999), not (0.5, 0.9); milkit's cosine steps per optimiser step (official:
-    per epoch, ``CosineAnnealingLR(T_max=50, eta_min=5e-6)``); early stopping monitors
+    PyTorch's (0.9, 0.999), not (0.5, 0.9); early stopping monitors
     validation AUC with patience 11 (official: (accuracy + mean AUC)/2 at optimal thresholds,
     stopping when ``counter > 10``).
 
@@ -126,15 +125,15 @@ class DSMIL(MILModel):
     permutation_invariant: ClassVar[bool] = True
     mil_respecting: ClassVar[bool] = False
     supports_padding: ClassVar[bool] = True
-    # train_tcga.py: Adam lr 1e-4, weight decay 1e-3, 50 epochs, CosineAnnealingLR(eta_min 5e-6),
-    # stop after more than 10 epochs without improvement; one bag per step. See the docstring
-    # for what TrainConfig cannot express (betas, per-epoch cosine, the selection score).
+    # train_tcga.py: Adam lr 1e-4, weight decay 1e-3, 50 epochs, CosineAnnealingLR(eta_min 5e-6)
+    # stepped per epoch, stop after more than 10 epochs without improvement; one bag per step.
+    # See the docstring for what TrainConfig cannot express (betas, the selection score).
     training_preset: ClassVar[dict[str, Any]] = {
         "optimizer": "adam",
         "lr": 1e-4,
         "weight_decay": 1e-3,
         "epochs": 50,
-        "scheduler": "cosine",
+        "scheduler": "cosine-epoch",  # CosineAnnealingLR(T_max=50, eta_min=5e-6), per epoch
         "min_lr": 5e-6,
         "batch_size": 1,
         "patience": 11,

@@ -359,6 +359,12 @@ def test_registry_names_and_preset():
     for name in ("clam-sb", "clam-mb"):
         assert get_entry(name).cls.training_preset == CLAM_TRAINING_PRESET
     assert CLAM_TRAINING_PRESET["lr"] == 2e-4 and CLAM_TRAINING_PRESET["min_epochs"] == 52
+    from milkit.train import TrainConfig
+
+    cfg = TrainConfig.for_model("clam_mb", "official")  # every preset key is a valid option
+    assert (cfg.sampling, cfg.monitor, cfg.patience, cfg.scheduler) == (
+        "balanced", "val_loss", 20, "none",
+    )  # fmt: skip
 
 
 def test_same_seed_builds_the_official_initial_weights():
