@@ -225,20 +225,30 @@ def save_splits(splits: Sequence[FoldSplit], path: str | os.PathLike[str]) -> Pa
 
 
 def load_splits(path: str | os.PathLike[str]) -> list[FoldSplit]:
-    """Read a split file written by ``save_splits`` (or by hand: ``slide_id,fold,split``)."""
+    """Read a split file written by ``save_splits`` (or by hand: ``slide_id,fold,split``).
+
+    CLAM's split files (``splits_<k>.csv`` with ``train,val,test`` columns, or a folder of them)
+    are read by ``milkit.interop.read_clam_splits``.
+    """
+    from milkit.interop import is_clam_split_frame, read_clam_splits
+
     path = Path(path)
+    if path.is_dir():
+        return read_clam_splits(path)
     if not path.is_file():
         raise MilkitError("split file not found", path=path)
     try:
         frame = pd.read_csv(path, dtype={"slide_id": str, "split": str}, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise MilkitError(f"cannot parse split file ({err})", path=path) from err
+    if is_clam_split_frame(frame.columns):
+        return read_clam_splits(path)
     missing = [c for c in ("slide_id", "fold", "split") if c not in frame.columns]
     if missing:
         raise MilkitError(
             f"split file lacks column(s) {missing}; it has {list(frame.columns)}",
             path=path,
-            hint="The header must be slide_id,fold,split",
+            hint="The header must be slide_id,fold,split (or CLAM's ,train,val,test)",
         )
     folds = pd.to_numeric(frame["fold"], errors="coerce")
     if folds.isna().any() or (folds % 1 != 0).any():
