@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "evaluate",
     "predict",
     "heatmap",
+    "report",
+    "export",
     "check",
     "models",
     "demo",
