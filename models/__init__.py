@@ -18,11 +18,13 @@ from milkit.models.registry import (
     register_aggregator,
 )
 
-_NOT_MODELS = {"base", "registry", "layers"}
+_NOT_MODELS = {"base", "registry", "layers", "official"}
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _info.name not in _NOT_MODELS and not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
+
+from milkit.models.official import load_official  # noqa: E402  (needs the registry filled)
 
 __all__ = [
     "MILModel",
@@ -32,5 +34,6 @@ __all__ = [
     "create",
     "get_entry",
     "list_models",
+    "load_official",
     "register_aggregator",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import torch
 from milkit.models.base import MILModel, MILOutput, check_bag_input
 from milkit.models.layers.attention_pool import AttentionPool, make_act
 from milkit.models.registry import register_aggregator
@@ -13,7 +12,9 @@ from torch import Tensor, nn
 
 
 def init_xavier_(module: nn.Module) -> None:
-    """Xavier-normal weights and zero biases for every Linear (CLAM ``initialize_weights``)."""
+    """Xavier-normal weights and zero biases for every Linear: ``initialize_weights`` of CLAM
+    before 2024-04 (removed in mahmoodlab/CLAM d613a3d, 2024-04-06) and of DearCaat's MHIM-MIL /
+    RRT-MIL (still used there)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_normal_(m.weight)
@@ -22,35 +23,29 @@ def init_xavier_(module: nn.Module) -> None:
 
 
 def state_dict_from_clam(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Map a CLAM ``CLAM_SB``/``MIL_Attention_fc``-style gated state-dict onto ``abmil-gated``.
+    """Map a CLAM ``CLAM_SB`` state-dict onto ``abmil-gated`` (gated) or ``abmil`` (plain).
 
-    CLAM keeps the tanh (V) and sigmoid (U) branches as separate Linears
-    (``attention_net.<i>.attention_a.0`` / ``attention_b.0``); ours are one fused Linear with
-    rows ``[V; U]`` (see ``models.layers.attention_pool``). CLAM's instance classifiers
-    (``instance_classifiers.*``) have no counterpart and are dropped. The attention output must
-    be single-branch (CLAM_SB; CLAM_MB's per-class branches are not ABMIL).
+    Kept for compatibility; ``milkit.models.load_official(state, "clam")`` (CLI ``milkit
+    import-weights --family clam``) also builds the model and says what it dropped. CLAM keeps
+    the tanh (V) and sigmoid (U) branches as separate Linears (``attention_a.0`` /
+    ``attention_b.0``); ours are one fused Linear with rows ``[V; U]``. DataParallel ``module.``
+    prefixes (CLAM's own demo checkpoint) are removed; the instance classifiers are dropped.
+
+    Raises:
+        KeyError: not a CLAM_SB state dict (CLAM_MB's per-class branches are not ABMIL).
     """
-    prefix = next(
-        (k[: -len("attention_a.0.weight")] for k in state if k.endswith("attention_a.0.weight")),
-        None,
-    )
-    if prefix is None:
-        raise KeyError("not a CLAM gated-attention state-dict: no '*attention_a.0.weight' key")
-    out = {
-        "fc.0.weight": state["attention_net.0.weight"],
-        "fc.0.bias": state["attention_net.0.bias"],
-        "pool.proj.weight": torch.cat(
-            [state[prefix + "attention_a.0.weight"], state[prefix + "attention_b.0.weight"]]
-        ),
-        "pool.proj.bias": torch.cat(
-            [state[prefix + "attention_a.0.bias"], state[prefix + "attention_b.0.bias"]]
-        ),
-        "pool.score.weight": state[prefix + "attention_c.weight"],
-        "pool.score.bias": state[prefix + "attention_c.bias"],
-    }
-    head = "classifiers" if "classifiers.weight" in state else "classifier"
-    out["head.weight"], out["head.bias"] = state[head + ".weight"], state[head + ".bias"]
-    return out
+    from milkit.models.official import convert_state, detect_variant, get_family, read_state
+
+    from milkit.errors import MilkitError
+
+    try:
+        state = read_state(state)
+        variant = detect_variant(get_family("clam"), state)
+        if variant.model is None:
+            raise MilkitError(variant.note)
+        return convert_state(variant, state)[0]
+    except MilkitError as err:
+        raise KeyError(f"not a CLAM_SB state-dict: {err}") from None
 
 
 @register_aggregator(
@@ -83,6 +78,7 @@ def state_dict_from_clam(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     attn_dropout=0.0,
     attn_act="relu",  # --da_act default
     attn_bias=False,
+    init="xavier",  # MHIM-MIL / RRT-MIL initialize_weights
 )
 class ABMIL(MILModel):
     """Attention-based deep MIL pooling with a linear bag classifier.
@@ -109,9 +105,14 @@ class ABMIL(MILModel):
     tasks here are C=2); ``attention`` holds the softmax weights and ``attention_logits`` the
     pre-softmax ``e`` (values at padded positions are meaningless; use the mask).
 
-    ``training_preset`` = CLAM's recipe for the CLAM layout (``main.py`` defaults): Adam lr 2e-4,
-    weight decay 1e-5, at most 200 epochs, constant LR, early stopping on validation loss with
-    patience 20 from epoch 50. (Ilse's repo: Adam lr 5e-4, betas (0.9, 0.999), weight decay
+    Init: PyTorch's default (``init="default"``), as CLAM since 2024-04-06 (commit d613a3d
+    removed its Xavier ``initialize_weights``); ``init="xavier"`` = CLAM before that, and
+    DearCaat's ``initialize_weights`` (``abmil-dattention`` uses it).
+
+    ``training_preset`` = CLAM's recipe for the CLAM layout: Adam, lr 2e-4 (README commands
+    ``--lr 2e-4``; main.py's argparse default is 1e-4), weight decay 1e-5 (``--reg``), at most 200
+    epochs, constant LR, early stopping (``--early_stopping`` in the README commands) on
+    validation loss with patience 20 from epoch 50. (Ilse's repo: Adam lr 5e-4, betas (0.9, 0.999), weight decay
     ``10e-5`` = 1e-4, 20 epochs — pass these as overrides for ``abmil-ilse``.)
 
     Args:
@@ -126,14 +127,16 @@ class ABMIL(MILModel):
         act: activation after the embedding Linear.
         attn_act: activation of the plain attention branch (paper: tanh; DearCaat: relu).
         attn_bias: biases in the attention Linears (DearCaat's DAttention has none).
-        init: ``"xavier"`` (CLAM: Xavier-normal weights, zero biases) or ``"default"`` (PyTorch).
+        init: ``"default"`` (PyTorch; CLAM since 2024-04) or ``"xavier"`` (Xavier-normal weights,
+            zero biases: CLAM before 2024-04, DearCaat's MHIM-MIL / RRT-MIL).
     """
 
     permutation_invariant: ClassVar[bool] = True
     mil_respecting: ClassVar[bool] = False
     supports_padding: ClassVar[bool] = True
-    # CLAM main.py: --opt adam, --lr 2e-4, --reg 1e-5, --max_epochs 200, --early_stopping
-    # (EarlyStopping patience=20, stop_epoch=50, on validation loss); no LR scheduler.
+    # CLAM README commands / main.py: --opt adam, --lr 2e-4 (argparse default 1e-4), --reg 1e-5,
+    # --max_epochs 200, --early_stopping (EarlyStopping patience=20, stop_epoch=50, validation
+    # loss); no LR scheduler.
     training_preset: ClassVar[dict[str, Any]] = {
         "optimizer": "adam",
         "lr": 2e-4,
@@ -160,7 +163,7 @@ class ABMIL(MILModel):
         act: str | type[nn.Module] = "relu",
         attn_act: str | type[nn.Module] = "tanh",
         attn_bias: bool = True,
-        init: str = "xavier",
+        init: str = "default",  # CLAM since 2024-04-06 (d613a3d): PyTorch default init
     ) -> None:
         super().__init__()
         if init not in ("xavier", "default"):

@@ -55,6 +55,10 @@ class MambaMIL(MILModel):
     ≈ 0.69), not mamba-ssm's inverse-softplus init. ``init="official"`` (default) reproduces that;
     ``init="mamba-ssm"`` keeps mamba-ssm's mixer initialisation (Xavier only outside the mixers).
 
+    dtype: the forward runs in the input's dtype (float64 for exact checks; the official code
+    casts ``x.float()``); as in mamba-ssm, ``A = −exp(A_log)``, ``D`` and the Δ bias are taken
+    in float32 inside the mixers.
+
     Official settings: 2 layers, rate 5 (training scripts; argparse default 10), drop_out 0, GELU,
     Adam lr 2e-4, weight decay 1e-5, ≤ 200 epochs with early stopping on validation loss
     (patience 20, from epoch 50), batch 1; R50 (1024-d) or PLIP (512-d) features.
@@ -169,7 +173,7 @@ class MambaMIL(MILModel):
         self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
     ) -> MILOutput:
         mask = check_bag_input(x, mask, model="mambamil")
-        h = apply_per_bag(self.encode, x.float(), mask)
+        h = apply_per_bag(self.encode, x, mask)  # input dtype: float64 runs stay float64
         pooled = self.pool(h, mask)
         return MILOutput(
             logits=self.head(pooled.embedding),

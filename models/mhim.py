@@ -66,15 +66,22 @@ _DOC = """
     merge_ratio 0.2, merge_mm 0.9998, mm 0.9997.
 
     Teacher init: ``teacher_init=PATH`` loads a checkpoint of the base model trained on the same
-    fold and seed (a milkit checkpoint of ``{base_name}`` or a bare state-dict); ``init_stu_type``
+    fold and seed: a milkit checkpoint of the base model, a bare state-dict under milkit names, or
+    an official MHIM-MIL file (e.g. the shipped ``modules/init_ckp/*/fold_k_model_best_auc.pt``;
+    its keys are renamed by ``milkit.models.official``, family ``mhim``). Loading is strict: a
+    GATED checkpoint (MHIM's TCGA ABMIL init files) into a non-gated base is refused with a
+    message naming it (the official v1 code loads it with ``strict=False`` and silently keeps a
+    random teacher attention); build the model with ``gated=True`` for those. ``init_stu_type``
     ``"fc"`` (official default) also copies its instance-embedding Linear into the student,
     ``"all"`` copies everything, ``"none"`` nothing. Without it the teacher starts as a copy of
     the student (paper Table 5: "student-copy" init).
 
     Departures: masking is vectorised per bag (top-k / randperm as boolean masks; vote ties broken
     by the head-mean score); B > 1 works through masks; if a bag would lose all instances its
-    lowest-scored removed one is kept; ``training_preset``: Adam lr 2e-4, wd 1e-5, cosine over
-    200 epochs, batch 1 (official early stopping on the TEST fold is not reproduced).
+    lowest-scored removed one is kept; ``training_preset``: Adam lr 2e-4, wd 1e-5, cosine LR over
+    200 epochs stepped per epoch (``scheduler="cosine-epoch"``, as the official
+    ``CosineAnnealingLR``), batch 1 (official early stopping on the TEST fold is not
+    reproduced).
 """
 
 
@@ -86,7 +93,9 @@ class _MHIM(MILModel):
         "lr": 2e-4,  # --lr 2e-4
         "weight_decay": 1e-5,  # --weight_decay 1e-5
         "epochs": 200,  # --num_epoch 200
-        "scheduler": "cosine",  # --lr_sche cosine
+        # --lr_sche cosine: CosineAnnealingLR(T_max=num_epoch) stepped once per EPOCH
+        # (main.py train_loop; --lr_supi, per-iteration, is off in every README command)
+        "scheduler": "cosine-epoch",
         "batch_size": 1,
     }
     base_name: ClassVar[str] = ""
@@ -167,6 +176,7 @@ class _MHIM(MILModel):
         state, _meta = read_checkpoint(path)
         if any(k.startswith("student.") for k in state):
             state = {k[8:]: v for k, v in state.items() if k.startswith("student.")}
+        state = self._from_official(state, path)
         try:
             self.teacher.load_state_dict(state, strict=True)
         except RuntimeError as err:
@@ -184,6 +194,37 @@ class _MHIM(MILModel):
             self.student.load_state_dict(self.teacher.state_dict())
         elif init_stu_type == "fc":
             self.student.fc.load_state_dict(self.teacher.fc.state_dict())
+
+    def _from_official(self, state: dict[str, Tensor], path: Any) -> dict[str, Tensor]:
+        """Rename an official MHIM-MIL state dict (``predictor.*`` keys) to milkit names;
+        refuse, naming it, a gated file for a non-gated base and vice versa."""
+        from milkit.models.official import convert_state, detect_variant, get_family
+
+        from milkit.errors import MilkitError
+
+        if "predictor.weight" not in state:
+            return state
+        variant = detect_variant(get_family("mhim"), state)
+        gated_file = bool(variant.overrides.get("gated", False))
+        gated_model = bool(getattr(getattr(self.teacher, "pool", None), "gated", False))
+        if (
+            variant.model is not None
+            and variant.model.startswith("abmil")
+            and (gated_file != gated_model)
+        ):
+            kind = "GATED (attention_a/b/c)" if gated_file else "non-gated"
+            raise MilkitError(
+                f"teacher_init checkpoint has a {kind} attention but {self.model_name} was "
+                f"built {'non-' if not gated_model else ''}gated",
+                path=path,
+                hint=(
+                    f"Build {self.model_name} with gated={gated_file}. (MHIM-MIL v1 loads such "
+                    "a file with strict=False, which silently leaves the teacher attention "
+                    "random.)"
+                ),
+            )
+        converted, _ = convert_state(variant, state)
+        return converted
 
     def reset_classifier(self, num_classes: int) -> None:
         self.student.reset_classifier(num_classes)
@@ -301,6 +342,8 @@ class MHIMABMIL(_MHIM):
     Defaults = the official v1 ABMIL C16 command. Base: Linear(D→512)+ReLU, Dropout 0.25,
     DAttention (Linear 512→128 no bias, ReLU, Linear 128→1 no bias), Linear(512→C), Xavier-normal
     init (= the ``abmil-dattention`` model, whose checkpoints are valid ``teacher_init`` files).
+    ``gated=True``: the gated DAttention (``AttentionGated``: ``act(V h) ⊙ sigmoid(U h)``, act =
+    ``da_act``) of MHIM's TCGA ABMIL init checkpoints.
     """
     )
 
@@ -333,6 +376,7 @@ class MHIMABMIL(_MHIM):
         dropout: float = 0.25,  # --dropout 0.25
         act: str = "relu",  # --act relu
         da_act: str = "relu",  # --da_act relu
+        gated: bool = False,  # MHIM's TCGA ABMIL init checkpoints are gated
         teacher_init: str | os.PathLike[str] | None = None,
         init_stu_type: str = "fc",  # --init_stu_type fc
     ) -> None:
@@ -342,7 +386,7 @@ class MHIMABMIL(_MHIM):
             num_classes,
             fc_dim=dim,
             attn_dim=attn_dim,
-            gated=False,
+            gated=gated,
             fc_dropout=dropout,
             attn_dropout=0.0,
             act=act,
@@ -393,14 +437,18 @@ class MHIMTransMIL(_MHIM):
         "MHIM-MIL with TransMIL as student and teacher.\n"
         + _DOC
         + """
-    Defaults = the official v1 TransMIL C16 command (L-HAM). Base: TransMIL with Dropout 0.25
-    after its input Linear and Xavier-normal init (MHIM-MIL's ``selfattn`` base); teacher scores
-    = the first layer's per-head cls attention, fused by vote.
+    Defaults = the official v1 TransMIL C16 command (L-HAM). Base: MHIM-MIL's ``selfattn`` base
+    = ``transmil-sattention`` (SAttention: the sequence is ``[cls; N instances]`` without
+    TransMIL's square-padding copies, PPEG pads/crops internally on a ≥ 7 × 7 grid; Dropout 0.25
+    after the input Linear, Xavier-normal init); teacher scores = the first layer's per-head cls
+    attention over the N instances, fused by vote (v1), or v2's class-aware scores computed from
+    that layer's cls row and values. Checkpoints of ``transmil-sattention`` (and MHIM-MIL's own
+    TransMIL init files, converted) are valid ``teacher_init`` files.
     """
     )
 
     permutation_invariant: ClassVar[bool] = False
-    base_name: ClassVar[str] = "transmil"
+    base_name: ClassVar[str] = "transmil-sattention"
     model_name: ClassVar[str] = "mhim-transmil"
 
     def __init__(
@@ -439,6 +487,7 @@ class MHIMTransMIL(_MHIM):
             num_landmarks=num_landmarks,
             fc_dropout=dropout,
             init="xavier",
+            layout="sattention",  # MHIM-MIL SAttention (satten.py + emb_position.py PPEG)
         )
         self._setup(
             student,

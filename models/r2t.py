@@ -47,8 +47,12 @@ class R2TEncoder(nn.Module):
         dim: token width (``mlp_dim`` 512).
         n_layers: R-MSA layers + 1 (2 official).
         n_heads: R-MSA heads (8 official; head_dim = dim / heads = 64).
-        region_num: regions per side R (8 official) or ``"auto"`` for long bags (see
-            ``region_grid``; the README advises R ≥ 16 for long survival bags).
+        region_num: regions per side R of the R-MSA layers (8 official) or ``"auto"`` for long
+            bags (see ``region_grid``; the README advises R ≥ 16 for long survival bags).
+        crmsa_region_num: regions per side of CR-MSA. Default 8, as the official code: its
+            ``RRTEncoder`` builds CR-MSA without passing ``region_num``, so CR-MSA keeps its own
+            default of 8 whatever ``region_num`` is. ``"same"``: use ``region_num`` for CR-MSA
+            too (milkit's behaviour up to commit ab7cc23; not the official model).
         epeg_k: EPEG kernel (15 official default); 0 disables EPEG.
         crmsa_k: representatives per region (3 official default).
         crmsa_heads: CR-MSA heads (8 official).
@@ -72,12 +76,23 @@ class R2TEncoder(nn.Module):
         all_shortcut: bool = False,
         drop: float = 0.1,
         qkv_bias: bool = True,
+        crmsa_region_num: int | str = 8,
     ) -> None:
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"R2TEncoder: n_layers must be >= 1, got {n_layers!r}")
         if region_num != "auto" and (not isinstance(region_num, int) or region_num < 1):
             raise ValueError(f"R2TEncoder: region_num must be >= 1 or 'auto', got {region_num!r}")
+        if crmsa_region_num == "same":
+            crmsa_region_num = region_num
+        if crmsa_region_num != "auto" and (
+            not isinstance(crmsa_region_num, int) or crmsa_region_num < 1
+        ):
+            raise ValueError(
+                "R2TEncoder: crmsa_region_num must be >= 1, 'auto' or 'same', "
+                f"got {crmsa_region_num!r}"
+            )
+        self.crmsa_region_num = crmsa_region_num
         self.dim, self.all_shortcut = dim, all_shortcut
         self.layers = nn.Sequential(
             *(
@@ -100,7 +115,7 @@ class R2TEncoder(nn.Module):
             CrossRegionAttention(
                 dim,
                 crmsa_heads,
-                region_num=region_num,
+                region_num=crmsa_region_num,  # official: always 8 (see Args)
                 crmsa_k=crmsa_k,
                 crmsa_mlp=crmsa_mlp,
                 qkv_bias=qkv_bias,
@@ -130,9 +145,12 @@ class R2TMIL(MILModel):
     Equations::
 
         h = Dropout_0.25(ReLU(W_in x))                      (N, 512)
-        H = R2TEncoder(h)                                   R-MSA (+EPEG), CR-MSA, LN
-        e_i = w^T tanh(V H_i)  (no biases);  a = softmax(e);  z = Σ a_i H_i    (DAttention)
+        H = R2TEncoder(h)                                   R-MSA (+EPEG), CR-MSA (8×8), LN
+        e_i = w^T act(V H_i)  (no biases);  a = softmax(e);  z = Σ a_i H_i     (DAttention)
         logits = W_cls z
+
+    ``act`` = ``da_act``: tanh, as every README command passes ``--da_act=tanh`` (main.py's
+    argparse default is relu; ``da_act="relu"`` reproduces runs without the flag).
 
     Instances are used in file (raster) order: the model is order-sensitive. Init: Xavier-normal
     for every Linear and the EPEG Conv2d, zero biases, LN = (1, 0) (official
@@ -152,9 +170,14 @@ class R2TMIL(MILModel):
     BRCA-PLIP     15       1        8            yes           no
     ============  =======  =======  ===========  ============  =========
 
-    Survival: grid crmsa_k ∈ {1, 3, 5}, epeg_k ∈ {9, 15, 21}; region_num ≥ 16 for long bags.
-    Training (``training_preset``): Adam, lr 2e-4, weight decay 1e-5, cosine schedule over 200
-    epochs, cross-entropy, batch 1, early stopping.
+    Survival: grid crmsa_k ∈ {1, 3, 5}, epeg_k ∈ {9, 15, 21}; region_num ≥ 16 for long bags
+    (R-MSA only: CR-MSA keeps 8 × 8 regions in the official code, see ``R2TEncoder``).
+    Training (``training_preset``): Adam, lr 2e-4, weight decay 1e-5, cosine LR over 200 epochs
+    stepped once per EPOCH (``CosineAnnealingLR(T_max=num_epoch)``; ``--lr_supi`` is off in the
+    README commands), cross-entropy, batch 1, no early stopping (``--early_stopping`` is off in
+    every README command; the official loop keeps the best-AUC epoch, milkit monitors val_auc).
+
+    dtype: the forward runs in the input's dtype (float64 for exact checks).
 
     Departures: padded batches run each bag on its own region grid (official B > 1 mixes bags);
     EPEG is computed exactly through modified queries and fused attention (see
@@ -164,8 +187,11 @@ class R2TMIL(MILModel):
         dim: embedding width (512 official).
         act: input activation (``"relu"`` official).
         dropout: dropout after the input projection (0.25 official).
-        attn_dim: DAttention hidden size (128 official); da_act tanh (README commands).
+        attn_dim: DAttention hidden size (128 official).
+        da_act: DAttention activation, ``"tanh"`` (README commands, default), ``"relu"``
+            (argparse default) or ``"gelu"``.
         trans_dropout: encoder projection dropout (0.1 official).
+        crmsa_region_num: CR-MSA regions per side (8 official; ``"same"``: = region_num).
         n_layers, n_heads, region_num, epeg_k, crmsa_k, crmsa_heads, crmsa_mlp, all_shortcut:
             see ``R2TEncoder`` (official defaults 2, 8, 8, 15, 3, 8, False, False).
     """
@@ -178,7 +204,7 @@ class R2TMIL(MILModel):
         "lr": 2e-4,
         "weight_decay": 1e-5,
         "epochs": 200,
-        "scheduler": "cosine",
+        "scheduler": "cosine-epoch",  # main.py: CosineAnnealingLR(T_max=num_epoch), per epoch
         "batch_size": 1,
     }
 
@@ -200,8 +226,12 @@ class R2TMIL(MILModel):
         crmsa_heads: int = 8,
         crmsa_mlp: bool = False,
         all_shortcut: bool = False,
+        da_act: str = "tanh",  # README commands --da_act=tanh (argparse default relu)
+        crmsa_region_num: int | str = 8,  # official: CR-MSA always 8 × 8 regions
     ) -> None:
         super().__init__()
+        if da_act not in ("tanh", "relu", "gelu"):
+            raise ValueError(f"R2TMIL: da_act must be 'tanh', 'relu' or 'gelu', got {da_act!r}")
         if act not in _ACTS:
             raise ValueError(f"R2TMIL: act must be one of {sorted(_ACTS)}, got {act!r}")
         self.in_dim, self.num_classes, self.embed_dim = in_dim, num_classes, dim
@@ -218,8 +248,9 @@ class R2TMIL(MILModel):
             crmsa_mlp=crmsa_mlp,
             all_shortcut=all_shortcut,
             drop=trans_dropout,
+            crmsa_region_num=crmsa_region_num,
         )
-        self.pool = AttentionPool(dim, attn_dim, gated=False, bias=False, act="tanh")
+        self.pool = AttentionPool(dim, attn_dim, gated=False, bias=False, act=da_act)
         self.head = nn.Linear(dim, num_classes)
         _official_init(self)
 
@@ -227,7 +258,7 @@ class R2TMIL(MILModel):
         self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
     ) -> MILOutput:
         mask = check_bag_input(x, mask, model="r2t-abmil")
-        h = self.drop(self.fc(x.float()))
+        h = self.drop(self.fc(x))
         h = self.encoder(h, mask)
         pooled = self.pool(h, mask)
         return MILOutput(

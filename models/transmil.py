@@ -18,7 +18,14 @@ class TransLayer(nn.Module):
     """Pre-norm residual Nyström attention: ``x + NystromAttention(LayerNorm(x))``."""
 
     def __init__(
-        self, dim: int, *, heads: int, num_landmarks: int, pinv_iterations: int, dropout: float
+        self,
+        dim: int,
+        *,
+        heads: int,
+        num_landmarks: int,
+        pinv_iterations: int,
+        dropout: float,
+        legacy_nystrom: bool = False,
     ) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
@@ -31,6 +38,7 @@ class TransLayer(nn.Module):
             residual=True,
             residual_conv_kernel=33,  # lucidrains default, used by TransMIL
             dropout=dropout,
+            legacy_crop=legacy_nystrom,
         )
 
     def forward(self, x: Tensor, query_row: int | None = None) -> tuple[Tensor, Tensor | None]:
@@ -39,7 +47,13 @@ class TransLayer(nn.Module):
 
 
 class PPEG(nn.Module):
-    """Pyramid position encoding: ``x + DW7(x) + DW5(x) + DW3(x)`` on the square token grid."""
+    """Pyramid position encoding: ``x + DW7(x) + DW5(x) + DW3(x)`` on the square token grid.
+
+    ``forward`` is szc-TransMIL's (the caller lays the tokens out on the grid, cls first);
+    ``forward_padded`` is MHIM-MIL's SAttention PPEG (``modules/emb_position.py``), which pads
+    internally: the N instance tokens, then copies of the first ⌈√N⌉² − N, then zeros up to a
+    7 × 7 grid if ⌈√N⌉ < 7, laid out row by row on that grid; the output is cropped back to N.
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -54,9 +68,28 @@ class PPEG(nn.Module):
         grid = grid + self.proj(grid) + self.proj1(grid) + self.proj2(grid)
         return torch.cat([cls_token, grid.flatten(2).transpose(1, 2)], dim=1)
 
+    def forward_padded(self, feat: Tensor) -> Tensor:
+        """MHIM-MIL SAttention PPEG on instance tokens ``feat`` (B, N, C) → (B, N, C)."""
+        b, n, c = feat.shape
+        side = math.isqrt(n - 1) + 1 if n > 1 else 1  # ⌈√N⌉
+        x = torch.cat([feat, feat[:, : side * side - n]], dim=1)
+        if side < 7:  # official: at least a 7 × 7 grid, filled with zeros after the copies
+            side = 7
+            x = torch.cat([x, x.new_zeros(b, side * side - x.shape[1], c)], dim=1)
+        grid = x.transpose(1, 2).unflatten(2, (side, side))
+        grid = grid + self.proj(grid) + self.proj1(grid) + self.proj2(grid)
+        return grid.flatten(2).transpose(1, 2)[:, :n]
+
 
 @register_aggregator(
     "transmil", description="TransMIL (Shao 2021): Nyström transformer with PPEG, cls-token head"
+)
+@register_aggregator(
+    "transmil-sattention",
+    description="MHIM-MIL's TransMIL base (DearCaat SAttention): no square-padding tokens, 7×7 PPEG",
+    layout="sattention",
+    fc_dropout=0.25,  # MHIM-MIL main.py --dropout 0.25 (after patch_to_emb)
+    init="xavier",  # MHIM initialize_weights: Xavier-normal Linear, LayerNorm (1, 0)
 )
 class TransMIL(MILModel):
     """Transformer-based correlated MIL.
@@ -87,6 +120,21 @@ class TransMIL(MILModel):
     (Ã is not a softmax and can be slightly negative), ``attention`` = them clipped at 0 and
     renormalised over real instances (uniform if all clip to 0), 0 at padding. Computed without
     gradient. Order-sensitive (PPEG, landmark segments): ``permutation_invariant = False``.
+
+    nystrom-attention version: TransMIL's requirements pin nystrom-attention 0.0.9, whose
+    padding bug (output cropped from the wrong end of the front-padded sequence) shifts every
+    output whenever the token count is not a multiple of 256 (≤ 0.18 in logits on the fidelity
+    bags). milkit follows the FIXED library (≥ 0.0.10; equal to the official model run with
+    0.0.14 to 6e-16); ``legacy_nystrom=True`` reproduces numbers from the pinned environment
+    (and weights trained there, see ``milkit import-weights --family transmil``).
+
+    ``layout="sattention"`` (registered as ``transmil-sattention``) is MHIM-MIL's ``selfattn``
+    base (DearCaat/MHIM-MIL ``modules/satten.py`` SAttention + ``emb_position.py`` PPEG): the
+    attention sequence is ``[cls; H]`` without square-padding copies, and PPEG pads internally
+    (copies, then zeros up to a 7 × 7 grid) and crops back (``PPEG.forward_padded``); the cls
+    attention row is then directly over the N instances. With Dropout 0.25 after the input
+    Linear and Xavier-normal init (MHIM's ``initialize_weights``). The two layouts agree only
+    at N = 1 and at square N ≥ 49.
 
     Departures: per-bag pseudo-inverse scaling (reference: batch-wide; identical for B = 1);
     ``fc_dropout`` (default 0, as the official code) and ``init="xavier"`` exist for MHIM-MIL's
@@ -124,10 +172,15 @@ class TransMIL(MILModel):
         attn_dropout: float = 0.1,  # TransLayer: NystromAttention(dropout=0.1)
         fc_dropout: float = 0.0,  # official: none; MHIM-MIL's base uses 0.25
         init: str = "default",
+        layout: str = "szc",  # "szc" (TransMIL repo) | "sattention" (MHIM-MIL's base)
+        legacy_nystrom: bool = False,  # True: nystrom-attention 0.0.9 (TransMIL's pin)
     ) -> None:
         super().__init__()
         if init not in ("xavier", "default"):
             raise ValueError(f"TransMIL: init must be 'xavier' or 'default', got {init!r}")
+        if layout not in ("szc", "sattention"):
+            raise ValueError(f"TransMIL: layout must be 'szc' or 'sattention', got {layout!r}")
+        self.layout, self.legacy_nystrom = layout, bool(legacy_nystrom)
         if dim % heads:
             raise ValueError(f"TransMIL: dim ({dim}) must be divisible by heads ({heads})")
         self.in_dim, self.num_classes, self.embed_dim, self.heads = in_dim, num_classes, dim, heads
@@ -141,6 +194,7 @@ class TransMIL(MILModel):
             num_landmarks=num_landmarks,
             pinv_iterations=pinv_iterations,
             dropout=attn_dropout,
+            legacy_nystrom=bool(legacy_nystrom),
         )
         self.layer1 = TransLayer(dim, **kw)
         self.pos_layer = PPEG(dim)
@@ -155,7 +209,10 @@ class TransMIL(MILModel):
         return self.fc(x)
 
     def _tokens(self, h: Tensor) -> tuple[Tensor, int]:
-        """[cls; h; first tokens repeated to fill the ⌈√n⌉² grid] and the grid side."""
+        """[cls; h; first tokens repeated to fill the ⌈√n⌉² grid] and the grid side (szc);
+        [cls; h] and side 0 for the SAttention layout (its PPEG pads internally)."""
+        if self.layout == "sattention":
+            return torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1), 0
         n = h.shape[1]
         side = math.isqrt(n - 1) + 1 if n > 1 else 1  # ⌈√n⌉
         add = side * side - n
@@ -167,11 +224,15 @@ class TransMIL(MILModel):
         h, side = self._tokens(h)
         add = side * side - n
         h, row1 = self.layer1(h, query_row=0 if attn_layer == 0 else None)
-        h = self.pos_layer(h, side)
+        if self.layout == "sattention":
+            h = torch.cat([h[:, :1], self.pos_layer.forward_padded(h[:, 1:])], dim=1)
+        else:
+            h = self.pos_layer(h, side)
         h, row2 = self.layer2(h, query_row=0 if attn_layer != 0 else None)
         row = (row1 if attn_layer == 0 else row2)[..., 1:]  # type: ignore[index]  # drop cls
         raw = row[..., :n].clone()
-        raw[..., :add] += row[..., n:]  # repeated tokens are the same instances
+        if add > 0:
+            raw[..., :add] += row[..., n:]  # repeated tokens are the same instances
         return self.norm(h)[:, 0], raw
 
     def _class_aware_same_length(self, h: Tensor) -> Tensor:

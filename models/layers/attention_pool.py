@@ -5,7 +5,7 @@ Code: github.com/AMLab-Amsterdam/AttentionDeepMIL (``model.py``). Equations (ins
 embeddings ``h_i``, bag of N instances)::
 
     plain:  e_i = w^T act(V h_i)                       (paper Eq. 8, act = tanh)
-    gated:  e_i = w^T (tanh(V h_i) ⊙ sigmoid(U h_i))   (paper Eq. 9)
+    gated:  e_i = w^T (act(V h_i) ⊙ sigmoid(U h_i))    (paper Eq. 9, act = tanh)
     a = softmax_i(e),   z = Σ_i a_i h_i                (paper Eq. 6-7)
 
 With K > 1 attention branches ``w`` becomes a (K, L) matrix and the K pooled vectors are
@@ -17,7 +17,9 @@ Two published layouts are covered by the constructor:
   after the sigmoid branch: ``AttentionPool(512, 256, gated=True, dropout=0.25)``.
 - DearCaat "DAttention" (MHIM-MIL ``mhim_modules/baseline.py``, RRT-MIL ``modules/datten.py``):
   not gated, no biases, ReLU by default: ``AttentionPool(512, 128, gated=False, bias=False,
-  act="relu")`` (``act="tanh"`` for the R2T README commands).
+  act="relu")`` (``act="tanh"`` for the R2T README commands). Its gated form
+  (``AttentionGated``, MHIM's TCGA init checkpoints) applies the same ``act`` to the V branch:
+  ``AttentionPool(512, 128, gated=True, bias=False, act="relu")``.
 
 Speed: for the gated form the V and U projections are fused into ONE ``Linear(dim, 2L)`` (rows
 ``[:L]`` = V, rows ``[L:]`` = U); this is the same function with one GEMM instead of two.
@@ -70,8 +72,8 @@ class AttentionPool(nn.Module):
         gated: gated attention (Eq. 9) instead of plain (Eq. 8).
         dropout: dropout after each attention branch's activation (CLAM uses 0.25).
         bias: biases in the attention Linears (DearCaat's DAttention has none).
-        act: activation of the V branch for the plain form (``tanh`` in the paper); the gated
-            form always uses tanh ⊙ sigmoid as in the paper.
+        act: activation of the V branch (``tanh`` in the paper, plain and gated; DearCaat's
+            DAttention: ``relu`` by default).
         branches: number K of attention branches.
     """
 
@@ -92,7 +94,7 @@ class AttentionPool(nn.Module):
         self.dim, self.attn_dim, self.gated, self.branches = dim, attn_dim, gated, branches
         # Fused [V; U] projection for the gated form (see the module docstring).
         self.proj = nn.Linear(dim, attn_dim * (2 if gated else 1), bias=bias)
-        self.act = nn.Tanh() if gated else make_act(act)
+        self.act = make_act(act)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.score = nn.Linear(attn_dim, branches, bias=bias)
 
@@ -101,8 +103,8 @@ class AttentionPool(nn.Module):
         a = self.proj(h)
         if self.gated:
             v, u = a.split(self.attn_dim, dim=-1)
-            # tanh(V h) ⊙ sigmoid(U h), each branch followed by its own dropout (CLAM).
-            a = self.drop(torch.tanh(v)) * self.drop(torch.sigmoid(u))
+            # act(V h) ⊙ sigmoid(U h), each branch followed by its own dropout (CLAM).
+            a = self.drop(self.act(v)) * self.drop(torch.sigmoid(u))
         else:
             a = self.drop(self.act(a))
         return self.score(a).transpose(1, 2)

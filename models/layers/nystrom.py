@@ -28,6 +28,12 @@ Deliberate departures (all exact for one unmasked bag, i.e. B = 1 reproduces the
 - ``query_row`` returns the approximate attention row of that query (e.g. the cls token) over the
   n input tokens; the reference's ``return_attn`` reads row 0 of the front-PADDED sequence,
   which is a padding token whenever padding was added.
+
+Library versions: nystrom-attention ≤ 0.0.9 (the version TransMIL's requirements pin) cropped the
+output with ``out[:, :n]`` after padding at the FRONT, so whenever n is not a multiple of m the
+outputs are those of the wrong positions (the padding rows first, the last real tokens lost);
+0.0.10 fixed this (``out[:, -n:]``, lucidrains commit d7eb229). We follow the fixed library;
+``legacy_crop=True`` reproduces ≤ 0.0.9 (the attention row stays that of the real query).
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ class NystromAttention(nn.Module):
         residual_conv_kernel: its kernel length (lucidrains default 33).
         eps: added to landmark token counts under a mask (lucidrains 1e-8).
         dropout: dropout after the output projection (TransMIL: 0.1).
+        legacy_crop: reproduce nystrom-attention ≤ 0.0.9's crop ``out[:, :n]`` (module doc).
     """
 
     def __init__(
@@ -89,8 +96,10 @@ class NystromAttention(nn.Module):
         residual_conv_kernel: int = 33,
         eps: float = 1e-8,
         dropout: float = 0.0,
+        legacy_crop: bool = False,
     ) -> None:
         super().__init__()
+        self.legacy_crop = legacy_crop
         self.heads, self.dim_head = heads, dim_head
         self.num_landmarks, self.pinv_iterations, self.eps = num_landmarks, pinv_iterations, eps
         self.scale = dim_head**-0.5
@@ -154,7 +163,9 @@ class NystromAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k_l, inv @ kv, attn_mask=lm_mask, scale=1.0)
         if self.res_conv is not None:
             out = out + self.res_conv(v)
-        out = self.to_out(rearrange(out, "b h n d -> b n (h d)"))[:, pad:]
+        out = self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        # ≤ 0.0.9 kept the FIRST n rows of the front-padded sequence (module docstring).
+        out = out[:, :n] if self.legacy_crop else out[:, pad:]
 
         row = None
         if query_row is not None:

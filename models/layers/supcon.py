@@ -5,11 +5,17 @@ bag-level embeddings by SC-MIL (Juyal et al., WACV 2024). For L2-normalised proj
 B bags of a batch with labels y_i, ``P(i) = {p ≠ i : y_p = y_i}`` and ``A(i) = {a ≠ i}``:
 
     ℓ_i = −1/|P(i)| Σ_{p∈P(i)} log( exp(z_i·z_p/τ) / Σ_{a∈A(i)} exp(z_i·z_a/τ) )
-    L   = mean of ℓ_i over the anchors with |P(i)| ≥ 1
 
-Averaging over anchors (instead of the paper's plain sum) follows the reference implementation
-(HobbitLong/SupContrast) and keeps the scale independent of the batch size. The reference code's
-extra factor τ / base_τ (base 0.07) is not applied: it only rescales the loss.
+Normalisation (``normalization``):
+
+- ``"reference"`` (default): the reference implementation, HobbitLong/SupContrast ``losses.py``
+  ``SupConLoss`` (contrast_mode "all", one view): an anchor without a positive contributes 0,
+  the loss is the mean over ALL B anchors, scaled by τ / base_τ (``base_temperature`` 0.07):
+  ``L = (τ/base_τ) · (1/B) Σ_{i: |P(i)|≥1} ℓ_i``. Equal to the reference to float rounding
+  (``tests/models/test_fidelity.py``).
+- ``"paper"``: eq. 2's ℓ_i averaged over the anchors for which it is defined (|P(i)| ≥ 1), no
+  τ/base_τ factor (milkit's behaviour up to commit ab7cc23). The two agree when every anchor
+  has a positive and τ = base_τ.
 """
 
 from __future__ import annotations
@@ -32,12 +38,31 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.net(b), dim=-1)
 
 
-def supcon_loss(z: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, int]:
+def supcon_loss(
+    z: Tensor,
+    labels: Tensor,
+    temperature: float,
+    *,
+    base_temperature: float = 0.07,
+    normalization: str = "reference",
+) -> tuple[Tensor, int]:
     """SupCon loss of L2-normalised embeddings ``z`` (B, E) with integer ``labels`` (B,).
 
-    Returns ``(loss, n_anchors)``. With no anchor that has a positive (B < 2, or all labels
-    distinct) the loss is an exact zero that stays connected to ``z`` (so every parameter still
-    receives a — zero — gradient) and ``n_anchors`` is 0.
+    Args:
+        z: (B, E) L2-normalised projections; float16/bfloat16 are computed in float32,
+            float32/float64 in their own dtype.
+        labels: (B,) integer labels.
+        temperature: τ > 0.
+        base_temperature: base_τ of the reference's τ/base_τ factor (0.07 as the reference);
+            unused for ``normalization="paper"``.
+        normalization: ``"reference"`` (default) or ``"paper"`` (module docstring).
+
+    Returns ``(loss, n_anchors)`` with ``n_anchors`` the number of anchors that have a positive.
+    With none (B < 2, or all labels distinct) the loss is an exact zero that stays connected to
+    ``z`` (so every parameter still receives a — zero — gradient), as the reference's.
+
+    Raises:
+        ValueError: wrong shapes, τ ≤ 0 or base_τ ≤ 0, unknown ``normalization``.
     """
     if z.ndim != 2 or labels.shape != z.shape[:1]:
         raise ValueError(
@@ -46,6 +71,12 @@ def supcon_loss(z: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, 
         )
     if temperature <= 0:
         raise ValueError(f"supcon_loss: temperature must be > 0, got {temperature}")
+    if base_temperature <= 0:
+        raise ValueError(f"supcon_loss: base_temperature must be > 0, got {base_temperature}")
+    if normalization not in ("reference", "paper"):
+        raise ValueError(
+            f"supcon_loss: normalization must be 'reference' or 'paper', got {normalization!r}"
+        )
     n = z.shape[0]
     eye = torch.eye(n, dtype=torch.bool, device=z.device)
     positives = (labels[:, None] == labels[None, :]) & ~eye
@@ -54,10 +85,13 @@ def supcon_loss(z: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, 
     n_anchors = int(anchors.sum())
     if n_anchors == 0:
         return z.sum() * 0.0, 0
-    zf = z.float()
+    zf = z if z.dtype in (torch.float32, torch.float64) else z.float()
     sim = (zf @ zf.T) / temperature
     sim = sim.masked_fill(eye, float("-inf"))  # a ≠ i in the denominator
     log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
     log_prob = log_prob.masked_fill(~positives, 0.0)  # also removes the -inf diagonal
     mean_log_prob_pos = log_prob.sum(dim=1) / n_pos.clamp(min=1)
-    return -mean_log_prob_pos[anchors].mean(), n_anchors
+    if normalization == "paper":
+        return -mean_log_prob_pos[anchors].mean(), n_anchors
+    # Reference: anchors without a positive contribute 0 (their row sum is 0), mean over all B.
+    return -(temperature / base_temperature) * mean_log_prob_pos.mean(), n_anchors

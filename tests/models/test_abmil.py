@@ -76,7 +76,12 @@ def test_clam_layout_defaults():
     assert gated.fc[0].out_features == 512 and gated.pool.attn_dim == 256
     assert gated.pool.proj.out_features == 512  # fused tanh + sigmoid branches
     assert [m.p for m in gated.modules() if isinstance(m, torch.nn.Dropout)] == [0.25, 0.25]
-    assert float(gated.fc[0].bias.detach().abs().sum()) == 0.0  # Xavier init, zero bias (CLAM)
+    # PyTorch default init, as CLAM since 2024-04-06 (d613a3d removed initialize_weights):
+    # non-zero biases; Xavier (zero biases) is init="xavier" and abmil-dattention's (MHIM/RRT).
+    assert float(gated.fc[0].bias.detach().abs().sum()) > 0.0
+    assert float(models.create("abmil", 8, 2, init="xavier").fc[0].bias.abs().sum()) == 0.0
+    dattention = models.create("abmil-dattention", 1024, 2)
+    assert float(dattention.fc[0].bias.detach().abs().sum()) == 0.0
     assert ABMIL.training_preset["lr"] == 2e-4
 
 

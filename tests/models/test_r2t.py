@@ -151,11 +151,34 @@ def test_official_init_and_training_preset():
     conv = model.encoder.layers[0].attn.attn.pe
     assert torch.count_nonzero(conv.bias) == 0 and conv.weight.std() > 0
     assert model.pool.proj.bias is None and model.pool.score.bias is None  # DAttention: no bias
-    assert model.training_preset["lr"] == 2e-4 and model.training_preset["scheduler"] == "cosine"
+    assert model.training_preset["lr"] == 2e-4
+    assert model.training_preset["scheduler"] == "cosine-epoch"  # official: per-epoch cosine
 
 
 def test_training_preset_is_a_valid_train_config():
     from milkit.train import TrainConfig
 
     cfg = TrainConfig.for_model("r2t-abmil", "official")
-    assert (cfg.optimizer, cfg.lr, cfg.scheduler, cfg.epochs) == ("adam", 2e-4, "cosine", 200)
+    assert (cfg.optimizer, cfg.lr, cfg.scheduler, cfg.epochs) == ("adam", 2e-4, "cosine-epoch", 200)
+
+
+@pytest.mark.parametrize("name", ["r2t-abmil", "mhim-abmil", "mhim-transmil"])
+def test_official_presets_step_the_cosine_per_epoch_like_cosine_annealing_lr(name):
+    """MHIM-MIL and R2T-MIL main.py: CosineAnnealingLR(T_max=num_epoch, eta_min=0) stepped once
+    per epoch (before: milkit stepped the cosine per iteration). The LR of every optimiser step
+    equals the official one."""
+    from milkit.train import TrainConfig, _cosine_epoch_lambda
+
+    cfg = TrainConfig.for_model(name, "official", epochs=7)
+    assert cfg.scheduler == "cosine-epoch"
+    steps_per_epoch = 5
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    official = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs, 0)
+    factor = _cosine_epoch_lambda(steps_per_epoch, cfg.epochs, 0, 0.0)
+    for epoch in range(cfg.epochs):
+        for it in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + it
+            assert abs(cfg.lr * factor(step) - opt.param_groups[0]["lr"]) < 1e-15
+        official.step()
+    # other models keep their presets (per-step cosine or none)
+    assert TrainConfig.for_model("aem-mha", "official").scheduler == "cosine"

@@ -22,8 +22,12 @@ D = 12
 SMALL = {"base_kwargs": {"fc_dim": 8, "attn_dim": 4}, "proj_dim": 6}
 
 
-def _hand_supcon(z: list[list[float]], labels: list[int], tau: float) -> float:
-    """SupCon of Khosla et al. (L^sup_out), averaged over anchors with positives, by loops."""
+def _hand_supcon(
+    z: list[list[float]], labels: list[int], tau: float, base_tau: float | None = 0.07
+) -> float:
+    """SupCon of Khosla et al. (L^sup_out) by loops. ``base_tau`` given: the reference
+    implementation's normalisation (HobbitLong/SupContrast: anchors without a positive count 0,
+    mean over ALL anchors, times τ/base_τ); None: mean over anchors with a positive (paper)."""
 
     def dot(a, b):
         return sum(u * v for u, v in zip(a, b, strict=True))
@@ -32,11 +36,14 @@ def _hand_supcon(z: list[list[float]], labels: list[int], tau: float) -> float:
     for i, zi in enumerate(z):
         pos = [p for p in range(len(z)) if p != i and labels[p] == labels[i]]
         if not pos:
+            if base_tau is not None:
+                losses.append(0.0)
             continue
         denom = sum(math.exp(dot(zi, z[a]) / tau) for a in range(len(z)) if a != i)
         terms = [math.log(math.exp(dot(zi, z[p]) / tau) / denom) for p in pos]
         losses.append(-sum(terms) / len(pos))
-    return sum(losses) / len(losses)
+    scale = 1.0 if base_tau is None else tau / base_tau
+    return scale * sum(losses) / len(losses)
 
 
 def test_supcon_equals_hand_computed_value():
@@ -52,7 +59,9 @@ def test_supcon_equals_hand_computed_value():
         -(s[i, partner[i]] - torch.logsumexp(s[i, [a for a in range(4) if a != i]], 0))
         for i in range(4)
     ]
-    assert loss.item() == pytest.approx(torch.stack(per_anchor).mean().item(), rel=1e-6)
+    assert loss.item() == pytest.approx(
+        0.5 / 0.07 * torch.stack(per_anchor).mean().item(), rel=1e-6
+    )
 
 
 def test_supcon_skips_anchors_without_positives():
@@ -60,6 +69,10 @@ def test_supcon_skips_anchors_without_positives():
     loss, anchors = supcon_loss(z, torch.tensor([0, 0, 1]), temperature=0.1)
     assert anchors == 2
     assert loss.item() == pytest.approx(_hand_supcon(z.tolist(), [0, 0, 1], 0.1), rel=1e-5)
+    paper, _ = supcon_loss(z, torch.tensor([0, 0, 1]), temperature=0.1, normalization="paper")
+    expected = _hand_supcon(z.tolist(), [0, 0, 1], 0.1, base_tau=None)
+    assert paper.item() == pytest.approx(expected, rel=1e-5)
+    assert paper.item() == pytest.approx(loss.item() * 3 / 2 * 0.07 / 0.1, rel=1e-5)
 
 
 @pytest.mark.parametrize("labels", [[1], [0, 1, 2]])

@@ -1,0 +1,235 @@
+"""``load_official`` / ``milkit import-weights``: strict, declarative official-key mapping.
+
+Uses synthetic official-style state dicts (built from the official key names and shapes), so it
+runs without the fidelity folder; the numerical equality with the official modules is in
+``test_fidelity.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from milkit.models.official import FAMILIES, get_family
+
+from milkit import models
+from milkit.errors import MilkitError
+
+
+def clam_sb_state(gated: bool = True, d: int = 16, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A CLAM_SB state dict under CLAM's names (size "small": 512 / 256)."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.1
+
+    s = {"attention_net.0.weight": r(512, d), "attention_net.0.bias": r(512)}
+    if gated:
+        for b in ("attention_a.0", "attention_b.0"):
+            s[f"attention_net.3.{b}.weight"], s[f"attention_net.3.{b}.bias"] = r(256, 512), r(256)
+        s["attention_net.3.attention_c.weight"] = r(1, 256)
+        s["attention_net.3.attention_c.bias"] = r(1)
+    else:
+        s["attention_net.3.module.0.weight"], s["attention_net.3.module.0.bias"] = (
+            r(256, 512),
+            r(256),
+        )
+        s["attention_net.3.module.3.weight"], s["attention_net.3.module.3.bias"] = r(1, 256), r(1)
+    s["classifiers.weight"], s["classifiers.bias"] = r(2, 512), r(2)
+    for i in range(2):
+        s[f"instance_classifiers.{i}.weight"], s[f"instance_classifiers.{i}.bias"] = r(2, 512), r(2)
+    return {prefix + k: v for k, v in s.items()}
+
+
+def clam_sb_forward(s: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """CLAM_SB's forward (eval) written from model_clam.py, gated: logits (1, 2)."""
+    h = torch.relu(x @ s["attention_net.0.weight"].T + s["attention_net.0.bias"])
+    a = torch.tanh(
+        h @ s["attention_net.3.attention_a.0.weight"].T + s["attention_net.3.attention_a.0.bias"]
+    )
+    b = torch.sigmoid(
+        h @ s["attention_net.3.attention_b.0.weight"].T + s["attention_net.3.attention_b.0.bias"]
+    )
+    att = (a * b) @ s["attention_net.3.attention_c.weight"].T + s[
+        "attention_net.3.attention_c.bias"
+    ]
+    m = torch.softmax(att.T, dim=1) @ h
+    return m @ s["classifiers.weight"].T + s["classifiers.bias"]
+
+
+def test_clam_dataparallel_prefix_and_instance_classifiers():
+    """CLAM's own demo checkpoint has DataParallel ``module.`` prefixes: they are unwrapped,
+    the instance classifiers dropped (and said), the forward equals CLAM's."""
+    state = clam_sb_state(prefix="module.")
+    imported = models.load_official(state, "clam")
+    assert imported.model_name == "abmil-gated"
+    assert any("instance_classifiers" in n for n in imported.notes)
+    x = torch.randn(9, 16)
+    plain = {k[len("module.") :]: v for k, v in state.items()}
+    with torch.no_grad():
+        assert torch.allclose(imported.model(x[None]).logits, clam_sb_forward(plain, x), atol=1e-6)
+
+
+def test_clam_plain_variant_is_detected():
+    imported = models.load_official(clam_sb_state(gated=False), "clam")
+    assert imported.model_name == "abmil"
+    assert (imported.in_dim, imported.num_classes) == (16, 2)
+
+
+def test_unmapped_official_key_is_an_error_listing_it():
+    state = clam_sb_state()
+    state["attention_net.3.extra.weight"] = torch.zeros(3)
+    with pytest.raises(MilkitError, match=r"attention_net\.3\.extra\.weight"):
+        models.load_official(state, "clam")
+    # on explicit request it is dropped and reported
+    imported = models.load_official(state, "clam", ignore=["attention_net.3.extra.*"])
+    assert any("ignored on request" in n for n in imported.notes)
+
+
+def test_missing_official_key_is_an_error_naming_the_milkit_parameter():
+    state = clam_sb_state()
+    del state["attention_net.3.attention_c.bias"]
+    with pytest.raises(MilkitError, match=r"pool\.score\.bias"):
+        models.load_official(state, "clam")
+
+
+def test_shape_mismatch_is_an_error_nothing_loaded():
+    state = clam_sb_state()
+    state["attention_net.3.attention_c.weight"] = torch.zeros(1, 100)  # attn_dim inferred 100
+    with pytest.raises(MilkitError, match="shapes differ"):
+        models.load_official(state, "clam")
+
+
+def test_clam_mb_is_refused_with_a_reason():
+    state = clam_sb_state()
+    state.pop("classifiers.weight")
+    state.pop("classifiers.bias")
+    state["classifiers.0.weight"], state["classifiers.0.bias"] = torch.zeros(1, 512), torch.zeros(1)
+    with pytest.raises(MilkitError, match="CLAM_MB"):
+        models.load_official(state, "clam")
+
+
+def test_wrong_family_lists_expected_keys():
+    with pytest.raises(MilkitError, match="do not look like any transmil"):
+        models.load_official(clam_sb_state(), "transmil")
+    with pytest.raises(MilkitError, match="unknown official code family"):
+        models.load_official(clam_sb_state(), "nope")
+
+
+def mhim_gated_state(d: int = 1024) -> dict[str, torch.Tensor]:
+    """Keys and shapes of MHIM-MIL's shipped TCGA ABMIL init files (gated, no biases)."""
+    g = torch.Generator().manual_seed(1)
+    return {
+        "patch_to_emb.0.weight": torch.randn(512, d, generator=g) * 0.03,
+        "patch_to_emb.0.bias": torch.randn(512, generator=g) * 0.03,
+        "online_encoder.attention.attention_a.0.weight": torch.randn(128, 512, generator=g) * 0.05,
+        "online_encoder.attention.attention_b.0.weight": torch.randn(128, 512, generator=g) * 0.05,
+        "online_encoder.attention.attention_c.weight": torch.randn(1, 128, generator=g) * 0.1,
+        "predictor.weight": torch.randn(2, 512, generator=g) * 0.05,
+        "predictor.bias": torch.randn(2, generator=g) * 0.05,
+    }
+
+
+def test_mhim_gated_init_checkpoint_is_detected_and_said():
+    s = mhim_gated_state()
+    imported = models.load_official(s, "mhim")
+    assert imported.model_kwargs["gated"] is True
+    assert any("GATED" in n and "strict=False" in n for n in imported.notes)
+    # official AttentionGated: relu(V h) ⊙ sigmoid(U h) (act = --da_act default relu), no biases
+    x = torch.randn(1, 6, 1024)
+    h = torch.relu(x @ s["patch_to_emb.0.weight"].T + s["patch_to_emb.0.bias"])
+    a = torch.relu(h @ s["online_encoder.attention.attention_a.0.weight"].T)
+    b = torch.sigmoid(h @ s["online_encoder.attention.attention_b.0.weight"].T)
+    att = torch.softmax(((a * b) @ s["online_encoder.attention.attention_c.weight"].T)[..., 0], -1)
+    ref = (att[:, None] @ h)[:, 0] @ s["predictor.weight"].T + s["predictor.bias"]
+    with torch.no_grad():
+        assert torch.allclose(imported.model(x).logits, ref, atol=1e-5)
+
+
+def test_mhim_teacher_init_refuses_gated_file_for_non_gated_model_and_takes_it_gated(tmp_path):
+    """The v1 code loads the gated TCGA files into a non-gated teacher with strict=False (random
+    attention, silently): milkit names that case, and ``gated=True`` loads it."""
+    path = tmp_path / "fold_0_model_best_auc.pt"
+    torch.save(mhim_gated_state(), path)
+    with pytest.raises(MilkitError, match="GATED"):
+        models.create("mhim-abmil", 1024, 2, teacher_init=str(path))
+    model = models.create("mhim-abmil", 1024, 2, teacher_init=str(path), gated=True)
+    proj = model.teacher.pool.proj.weight
+    s = mhim_gated_state()
+    expected = torch.cat(
+        [
+            s["online_encoder.attention.attention_a.0.weight"],
+            s["online_encoder.attention.attention_b.0.weight"],
+        ]
+    )
+    assert torch.equal(proj, expected)
+    assert torch.equal(model.student.fc[0].weight, s["patch_to_emb.0.weight"])  # init_stu_type fc
+
+
+def test_every_family_has_a_mapping_and_aliases_resolve():
+    assert {f.name for f in FAMILIES} == {
+        "clam",
+        "ilse",
+        "transmil",
+        "mhim",
+        "rrt",
+        "mambamil",
+        "aem",
+    }
+    assert get_family("AttentionDeepMIL").name == "ilse"
+    assert get_family("rrt_mil").name == "rrt"
+    for fam in FAMILIES:
+        for v in fam.variants:
+            assert v.model is None or v.model in models.list_models(), v.model
+
+
+def test_read_state_refuses_milkit_checkpoints(tmp_path):
+    from milkit.checkpoint import save_checkpoint
+
+    model = models.create("abmil", 8, 2)
+    save_checkpoint(tmp_path / "best.pt", model, {"model_name": "abmil"})
+    with pytest.raises(MilkitError, match="already a milkit checkpoint"):
+        models.load_official(tmp_path / "best.pt", "clam")
+
+
+# ---------------------------------------------------------------------------------- CLI
+def test_cli_import_weights_run_folder_works_with_predict(tmp_path, capsys):
+    from milkit.bags import write_bag
+    from milkit.checkpoint import load_checkpoint
+    from milkit.cli import main
+    from milkit.commands.predict import predict_run
+    from milkit.data import BagDataset
+
+    src = tmp_path / "s_0_checkpoint.pt"
+    state = clam_sb_state(prefix="module.")
+    torch.save(state, src)
+    run = tmp_path / "run"
+    rc = main(["import-weights", str(src), "--family", "clam", "--out", str(run),
+               "--class-names", "normal,tumor"])  # fmt: skip
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "instance_classifiers" in err and "abmil-gated" in err
+    _model, meta = load_checkpoint(run / "fold_0" / "best.pt")
+    assert meta["class_names"] == ["normal", "tumor"]
+    assert meta["imported_from"]["family"] == "clam"
+    feats = np.random.default_rng(0).normal(size=(11, 16)).astype("float32")
+    coords = np.stack(np.meshgrid(np.arange(11), [0]), -1).reshape(-1, 2) * 256
+    bag = write_bag(tmp_path / "bags" / "s1.h5", feats, coords)
+    preds = predict_run(run, BagDataset([bag], slide_ids=["s1"]))
+    plain = {k[len("module.") :]: v for k, v in state.items()}
+    x = torch.from_numpy(feats)
+    ref = torch.softmax(clam_sb_forward(plain, x), dim=1).numpy()
+    assert np.allclose(preds.probs, ref, atol=1e-5)
+    # a second import into the same place needs --force
+    assert main(["import-weights", str(src), "--family", "clam", "--out", str(run)]) == 2
+
+
+def test_cli_import_weights_checkpoint_is_a_teacher_init(tmp_path):
+    from milkit.cli import main
+
+    src = tmp_path / "tcga_fold_0.pt"
+    torch.save(mhim_gated_state(), src)
+    out = tmp_path / "teacher.pt"
+    assert main(["import-weights", str(src), "--family", "mhim", "--out", str(out)]) == 0
+    model = models.create("mhim-abmil", 1024, 2, teacher_init=str(out), gated=True)
+    assert torch.equal(model.teacher.head.weight, mhim_gated_state()["predictor.weight"])
