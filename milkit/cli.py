@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "check",
     "models",
     "demo",
+    "import_weights",
 )
 
 
