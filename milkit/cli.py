@@ -25,7 +25,6 @@ COMMAND_MODULES = (
     "check",
     "models",
     "demo",
-    "import_weights",
 )
 
 
@@ -61,7 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except MilkitError as err:
         print(f"milkit {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        from milkit.oom import BagOutOfMemoryError
+
+        return 3 if isinstance(err, BagOutOfMemoryError) else 2  # 3: out of memory, as below
     except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
         if not _is_out_of_memory(err):
             raise

@@ -119,6 +119,20 @@ def write_summary(out_dir: Path, fold_metrics: list[dict[str, Any]], header: Map
     return summary
 
 
+def _cohort_info(table: Any) -> dict[str, Any]:
+    """run.json keys about the bags: their encoder/tile spec and what reading the labels did."""
+    from milkit.provenance import describe_group, group_specs
+
+    specs = getattr(table, "bag_specs", None) or {}
+    out: dict[str, Any] = {"bag_spec": table.bag_spec if specs else None}
+    groups = group_specs(specs)
+    if len(groups) > 1:  # only with --allow-encoder-mismatch
+        out["bag_spec_groups"] = [describe_group(spec, ids) for spec, ids in groups]
+    out["label_notes"] = list(getattr(table, "notes", []) or [])
+    out["skipped_slides"] = [list(s) for s in getattr(table, "skipped", []) or []]
+    return out
+
+
 def _check_existing_run(out_dir: Path, info: Mapping[str, Any], resume: bool) -> None:
     run_file = out_dir / RUN_FILE
     if not run_file.exists():
@@ -199,6 +213,7 @@ def cross_validate(
         "labels_csv": str(table.csv_path) if getattr(table, "csv_path", None) else None,
         "bags_dir": str(table.bags_dir) if getattr(table, "bags_dir", None) else None,
         "milkit_version": __version__,
+        **_cohort_info(table),
         **dict(run_info or {}),
     }
     _check_existing_run(out_dir, info, resume)
@@ -218,11 +233,14 @@ def cross_validate(
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_splits(splits, splits_path)
+        if callable(getattr(table, "write_skipped", None)):
+            table.write_skipped(out_dir)  # skipped_slides.csv (--skip-missing)
         info["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         atomic_write_text(out_dir / RUN_FILE, _json(info))
     barrier()
 
-    ds_kw = {"cache": config.cache}
+    # eval_max_instances: larger validation/test bags keep that many evenly spaced instances
+    ds_kw = {"cache": config.cache, "eval_max_instances": config.eval_max_instances}
     fold_metrics: list[dict[str, Any]] = []
     for split in splits:
         fold_dir = out_dir / f"fold_{split.fold}"
@@ -262,7 +280,8 @@ def cross_validate(
         }
         if split.test and dist_info.is_main:
             test_ds = BagDataset.from_table(table, split.test, **ds_kw)
-            preds = predict(model, test_ds, batch_size=config.batch_size, device=device)
+            preds = predict(model, test_ds, batch_size=config.batch_size, device=device,
+                            phase="test", oom_kwargs=trainer._oom_kwargs())  # fmt: skip
             metrics = write_fold_outputs(fold_dir, preds, class_names, extra,
                                          bootstrap=bootstrap, seed=config.seed)  # fmt: skip
             fold_metrics.append(metrics)

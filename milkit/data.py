@@ -476,13 +476,23 @@ class _AugmentMixin:
     """
 
     max_instances: int | None
+    eval_max_instances: int | None
     feature_dropout: float
     seed: int
     training: bool
 
-    def _init_augment(self, max_instances: int | None, feature_dropout: float, seed: int) -> None:
-        if max_instances is not None and max_instances < 1:
-            raise MilkitError("max_instances must be a positive integer", value=max_instances)
+    def _init_augment(
+        self,
+        max_instances: int | None,
+        feature_dropout: float,
+        seed: int,
+        eval_max_instances: int | None = None,
+    ) -> None:
+        for name, value in (("max_instances", max_instances),
+                            ("eval_max_instances", eval_max_instances)):  # fmt: skip
+            if value is not None and value < 1:
+                raise MilkitError(f"{name} must be a positive integer", value=value)
+        self.eval_max_instances = eval_max_instances
         if not 0.0 <= feature_dropout < 1.0:
             raise MilkitError("feature_dropout must be in [0, 1)", value=feature_dropout)
         self.max_instances = max_instances
@@ -516,11 +526,28 @@ class _AugmentMixin:
             self._rng_key = key
         return self._rng
 
+    def _eval_cap(
+        self, features: torch.Tensor, coords: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Outside training, keep ``eval_max_instances`` evenly spaced instances of a larger bag.
+
+        Deterministic (no RNG: the same tiles every epoch and every run) and spread over the
+        whole slide in raster order; an approximation chosen by the user to fit memory
+        (``--eval-max-instances``, ``milkit predict --max-instances``).
+        """
+        cap, n = self.eval_max_instances, features.shape[0]
+        if cap is None or n <= cap:
+            return features, coords
+        idx = torch.from_numpy(np.linspace(0, n - 1, cap).round().astype(np.int64))
+        return features.index_select(0, idx), None if coords is None else coords.index_select(
+            0, idx
+        )
+
     def _augment(
         self, features: torch.Tensor, coords: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.training:
-            return features, coords
+            return self._eval_cap(features, coords)
         rng = None
         n = features.shape[0]
         if self.max_instances is not None and n > self.max_instances:
@@ -669,6 +696,8 @@ class BagDataset(_AugmentMixin, Dataset):
         slide_ids: names; default from the file names.
         cache: keep loaded bags in memory.
         max_instances: in training mode, subsample larger bags to this many instances.
+        eval_max_instances: outside training mode, keep this many evenly spaced instances of
+            larger bags (an approximation to fit memory; default: whole bags).
         feature_dropout: in training mode, drop feature values with this probability.
         load_coords: read ``coords`` (needed by coordinate-aware models and heatmaps).
         seed: seed of the augmentations.
@@ -682,6 +711,7 @@ class BagDataset(_AugmentMixin, Dataset):
         *,
         cache: bool = False,
         max_instances: int | None = None,
+        eval_max_instances: int | None = None,
         feature_dropout: float = 0.0,
         load_coords: bool = True,
         seed: int = 0,
@@ -703,7 +733,7 @@ class BagDataset(_AugmentMixin, Dataset):
         self.cache = bool(cache)
         self.load_coords = bool(load_coords)
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._init_augment(max_instances, feature_dropout, seed)
+        self._init_augment(max_instances, feature_dropout, seed, eval_max_instances)
 
     @classmethod
     def from_table(
@@ -755,6 +785,7 @@ class InMemoryBagDataset(_AugmentMixin, Dataset):
         slide_ids: names; default ``bag_0``, ``bag_1``, ...
         coords: optional (N_i, 2) coordinates per bag.
         max_instances, feature_dropout, seed: training-mode augmentations (see BagDataset).
+        eval_max_instances: evaluation-time cap (see BagDataset).
     """
 
     def __init__(
@@ -765,6 +796,7 @@ class InMemoryBagDataset(_AugmentMixin, Dataset):
         coords: Sequence[np.ndarray | torch.Tensor] | None = None,
         *,
         max_instances: int | None = None,
+        eval_max_instances: int | None = None,
         feature_dropout: float = 0.0,
         seed: int = 0,
     ) -> None:
@@ -787,7 +819,7 @@ class InMemoryBagDataset(_AugmentMixin, Dataset):
                     raise MilkitError(f"coords of bag {i} must be ({b.shape[0]}, 2)", value=c.shape)
         else:
             self.coords = None
-        self._init_augment(max_instances, feature_dropout, seed)
+        self._init_augment(max_instances, feature_dropout, seed, eval_max_instances)
 
     def __len__(self) -> int:
         return len(self.bags)

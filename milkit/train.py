@@ -49,6 +49,7 @@ from milkit.distributed import (
     setup_distributed,
 )
 from milkit.errors import MilkitError
+from milkit.oom import oom_context
 
 __all__ = [
     "FitResult",
@@ -103,6 +104,9 @@ class TrainConfig:
     device: str = "auto"
     grad_clip: float | None = None
     max_instances: int | None = None
+    # Outside training (validation, test): keep this many evenly spaced instances of larger
+    # bags, so a 300,000-tile test bag fits memory (an approximation the user opts into).
+    eval_max_instances: int | None = None
     feature_dropout: float = 0.0
     cache: bool = False
     progress: bool = True
@@ -658,7 +662,9 @@ class Trainer:
             sync = contextlib.nullcontext()
             if self.dist.enabled and not is_step:
                 sync = net.no_sync()  # type: ignore[operator]
-            with sync:
+            oom = oom_context("train", batch["slide_id"], batch["features"].shape[1],
+                              **self._oom_kwargs())  # fmt: skip
+            with sync, oom:
                 with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_on):
                     loss, logs = net(batch, criterion)
                 if not torch.isfinite(loss):
@@ -690,11 +696,18 @@ class Trainer:
         logs_out["lr"] = optimizer.param_groups[0]["lr"]
         return logs_out, global_step
 
+    def _oom_kwargs(self) -> dict[str, Any]:
+        """What an out-of-memory message needs to name the remedy (``milkit.oom``)."""
+        return {"model": self.model_name, "device": str(self.device),
+                "batch_size": self.config.batch_size,
+                "max_instances": self.config.max_instances}  # fmt: skip
+
     def _validate(self, model: nn.Module, val_ds: Dataset, criterion: nn.Module) -> dict:
         from milkit.metrics import classification_metrics
 
         preds = predict(model, val_ds, batch_size=self.config.batch_size, device=self.device,
-                        num_workers=self.config.num_workers)  # fmt: skip
+                        num_workers=self.config.num_workers, phase="validate",
+                        oom_kwargs=self._oom_kwargs())  # fmt: skip
         probs = torch.as_tensor(preds.probs).clamp_min(1e-12)
         y = torch.as_tensor(preds.labels, dtype=torch.long)
         loss = nn.functional.nll_loss(probs.log(), y).item()
@@ -765,8 +778,14 @@ def predict(
     device: str | torch.device = "auto",
     with_attention: bool = False,
     num_workers: int = 0,
+    phase: str = "predict",
+    oom_kwargs: Mapping[str, Any] | None = None,
 ) -> Predictions:
     """Softmax probabilities for every bag of ``dataset`` (in dataset order), in eval mode.
+
+    An out-of-memory error becomes a ``milkit.oom.BagOutOfMemoryError`` naming the slide(s), N
+    and ``phase`` (``validate``/``test``/``predict``/``heatmap``) with that phase's remedy
+    (``oom_kwargs``: ``model``, ``batch_size``, ``max_instances`` for its wording).
 
     ``attention`` (when requested) is one array per bag, trimmed of padding: shape (N,) or
     (H, N) for multi-head models; None for models that return no attention.
@@ -783,7 +802,10 @@ def predict(
     try:
         for batch in loader:
             batch = _to_device(batch, dev)
-            out = model(batch["features"], mask=batch.get("mask"), coords=batch.get("coords"))
+            kw = {"model": getattr(model, "milkit_name", None), "device": str(dev),
+                  "batch_size": batch_size, **dict(oom_kwargs or {})}  # fmt: skip
+            with oom_context(phase, batch["slide_id"], batch["features"].shape[1], **kw):
+                out = model(batch["features"], mask=batch.get("mask"), coords=batch.get("coords"))
             probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
             ids.extend(str(s) for s in batch["slide_id"])
             labels.extend(int(v) for v in batch["label"].tolist())

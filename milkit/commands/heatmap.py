@@ -33,11 +33,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cmap", default="jet", help="matplotlib colour map (default jet)")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    p.add_argument("--allow-encoder-mismatch", action="store_true",
+                   help="draw a bag from another encoder/tile spec than the run's")  # fmt: skip
     p.set_defaults(func=run_command)
 
 
-def attention_scores(run_dir: Path, bag_path: Path, *, fold: str = "all", device: str = "auto"):
-    """(scores (N,), class probabilities (C,), class names) for one bag, averaged over folds."""
+def attention_scores(run_dir: Path, bag_path: Path, *, fold: str = "all", device: str = "auto",
+                     allow_encoder_mismatch: bool = False):  # fmt: skip
+    """(scores (N,), class probabilities (C,), class names) for one bag, averaged over folds.
+
+    Raises ``MilkitError`` when the bag's encoder or tile spec differs from the run's (unless
+    ``allow_encoder_mismatch``), and ``milkit.oom.BagOutOfMemoryError`` (phase ``heatmap``).
+    """
+    import sys
+
     import numpy as np
 
     from milkit.checkpoint import load_checkpoint
@@ -49,12 +58,19 @@ def attention_scores(run_dir: Path, bag_path: Path, *, fold: str = "all", device
     info = load_run(run_dir)
     if not Path(bag_path).is_file():
         raise MilkitError("bag file not found", path=bag_path)
+    from milkit.bags import read_bag_header, slide_id_from_path
+    from milkit.provenance import bag_spec, check_against_run, spec_from_run
+
+    spec = {slide_id_from_path(bag_path): bag_spec(read_bag_header(bag_path))}
+    for note in check_against_run(spec_from_run(info), spec, run_dir=run_dir,
+                                  allow_mismatch=allow_encoder_mismatch):  # fmt: skip
+        print(f"milkit heatmap: note: {note}", file=sys.stderr)
     dataset = BagDataset([bag_path])
     dev = resolve_device(device)
     scores, probs = [], []
     for ckpt in fold_checkpoints(run_dir, fold):
         model, meta = load_checkpoint(ckpt, map_location=dev)
-        out = predict(model, dataset, device=dev, with_attention=True)
+        out = predict(model, dataset, device=dev, with_attention=True, phase="heatmap")
         if out.attention is None:
             raise MilkitError(
                 f"model {meta.get('model_name')!r} returns no attention to draw", path=ckpt,
@@ -75,7 +91,8 @@ def run_command(args: argparse.Namespace) -> int:
     if args.slide is not None and not args.slide.exists():
         raise MilkitError("slide file not found", path=args.slide)
     scores, probs, names = attention_scores(args.run, args.bag, fold=args.fold,
-                                            device=args.device)  # fmt: skip
+                                            device=args.device,
+                                            allow_encoder_mismatch=args.allow_encoder_mismatch)  # fmt: skip
     k = int(probs.argmax())
     title = f"{args.bag.stem}: {names[k]} (p={probs[k]:.2f}), attention fold {args.fold}"
     heatmap_for_slide(args.slide, args.bag, scores, args.out, title=title, cmap=args.cmap,

@@ -9,9 +9,12 @@ EXAMPLE = """example:
   milkit predict --run runs/abmil --bags new_bags/ --out preds.csv             # mean of all folds
   milkit predict --run runs/abmil --bags new_bags/ --out preds.csv --fold 2
   milkit predict --run runs/abmil --bags new_bags/ --out preds.csv --labels new_labels.csv
+  milkit predict --run runs/abmil --bags huge_bags/ --out preds.csv --max-instances 20000
 
 Writes slide_id, pred, prob_<class>... (and label when --labels is given, plus metrics on
 stderr). --fold all averages the class probabilities of every fold's selected checkpoint.
+Bags must come from the run's encoder, weights and tile spec (run.json "bag_spec"); others are
+refused unless --allow-encoder-mismatch.
 """
 
 
@@ -28,6 +31,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="predictions CSV to write")
     p.add_argument("--fold", default="all", help="fold number, or 'all' for the ensemble mean")
     p.add_argument("--labels", type=Path, help="optional labels CSV: adds labels and metrics")
+    p.add_argument("--label-column", default="label", help="label column of --labels")
+    p.add_argument("--slide-column", default="slide_id", help="slide-id column of --labels")
+    p.add_argument("--case-column", help="case column of --labels (default case_id if present)")
+    p.add_argument("--allow-encoder-mismatch", action="store_true",
+                   help="predict bags from another encoder/tile spec than the run's")  # fmt: skip
+    p.add_argument("--max-instances", type=int,
+                   help="keep N evenly spaced instances of larger bags (to fit memory; "
+                   "default: whole bags)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=1, help="bags per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     p.set_defaults(func=run_command)
@@ -47,7 +58,7 @@ def predict_run(run_dir: Path, dataset, *, fold: str = "all", batch_size: int = 
     probs, first = [], None
     for ckpt in fold_checkpoints(run_dir, fold):
         model, _ = load_checkpoint(ckpt, map_location=dev)
-        out = predict(model, dataset, batch_size=batch_size, device=dev)
+        out = predict(model, dataset, batch_size=batch_size, device=dev, phase="predict")
         probs.append(out.probs)
         first = first or out
     first.probs = np.mean(probs, axis=0)
@@ -62,26 +73,36 @@ def run_command(args: argparse.Namespace) -> int:
     from milkit.cv import load_run
     from milkit.data import BagDataset, load_labels
     from milkit.errors import MilkitError
+    from milkit.provenance import bag_spec, check_against_run, spec_from_run
 
     info = load_run(args.run)
     names = [str(c) for c in info["class_names"]]
     if args.labels is not None:
-        table = load_labels(args.labels, args.bags, class_names=names)
-        dataset = BagDataset.from_table(table)
+        table = load_labels(args.labels, args.bags, class_names=names,
+                            label_column=args.label_column, slide_column=args.slide_column,
+                            case_column=args.case_column, check_bag_specs=False)  # fmt: skip
+        for note in table.notes:
+            print(f"milkit predict: note: {note}", file=sys.stderr)
+        dataset = BagDataset.from_table(table, eval_max_instances=args.max_instances)
     else:
         if not args.bags.is_dir():
             raise MilkitError("bags folder not found", path=args.bags)
         bags = list_bags(args.bags)
         if not bags:
             raise MilkitError("no bags found", path=args.bags, hint="Expected <slide_id>.h5 files")
-        dataset = BagDataset(list(bags.values()), slide_ids=list(bags))
-    wrong, empty = [], []
+        dataset = BagDataset(list(bags.values()), slide_ids=list(bags),
+                             eval_max_instances=args.max_instances)  # fmt: skip
+    wrong, empty, capped = [], [], []
+    specs = {}
     for sid, path in zip(dataset.slide_ids, dataset.paths):
         header = read_bag_header(path)
+        specs[sid] = bag_spec(header)
         if header.dim != info["in_dim"]:
             wrong.append(f"{sid} ({header.dim})")
         elif header.num_instances == 0:
             empty.append(sid)
+        elif args.max_instances is not None and header.num_instances > args.max_instances:
+            capped.append(f"{sid} (N={header.num_instances:,})")
     if wrong:
         raise MilkitError(
             f"feature dimension differs from the run's in_dim {info['in_dim']}",
@@ -89,12 +110,21 @@ def run_command(args: argparse.Namespace) -> int:
             path=args.bags,
             hint="Extract the bags with the encoder used for training",
         )
+    # the encoder check: same-width features from another encoder are silently wrong
+    for note in check_against_run(spec_from_run(info), specs, run_dir=args.run,
+                                  allow_mismatch=args.allow_encoder_mismatch):  # fmt: skip
+        print(f"milkit predict: note: {note}", file=sys.stderr)
+    if capped:
+        print(f"milkit predict: note: {len(capped)} bag(s) larger than --max-instances "
+              f"{args.max_instances} were predicted from that many evenly spaced instances: "
+              + ", ".join(capped[:10]), file=sys.stderr)  # fmt: skip
     if empty:  # slides without tissue: recorded and skipped, the others are still predicted
         keep = [i for i, sid in enumerate(dataset.slide_ids) if sid not in set(empty)]
         if not keep:
             raise MilkitError("every bag is empty (no tiles)", value=empty[:5], path=args.bags)
         dataset = BagDataset([dataset.paths[i] for i in keep],
-                             slide_ids=[dataset.slide_ids[i] for i in keep])  # fmt: skip
+                             slide_ids=[dataset.slide_ids[i] for i in keep],
+                             eval_max_instances=args.max_instances)  # fmt: skip
     preds = predict_run(args.run, dataset, fold=args.fold, batch_size=args.batch_size,
                         device=args.device)  # fmt: skip
     frame = preds.to_frame(names)

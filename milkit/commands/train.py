@@ -35,6 +35,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--bags", required=True, type=Path, help="folder of <slide_id>.h5 bags")
     data.add_argument("--labels", required=True, type=Path, help="labels CSV")
     data.add_argument("--label-column", default="label", help="label column (default label)")
+    data.add_argument("--slide-column", default="slide_id",
+                      help="slide-id column (default slide_id)")  # fmt: skip
+    data.add_argument("--case-column",
+                      help="case/patient column (default case_id when present)")  # fmt: skip
+    data.add_argument("--skip-missing", action="store_true",
+                      help="leave out slides without a usable bag (missing, empty, failed in "
+                      "BAGS/manifest.csv); listed in RUN/skipped_slides.csv")  # fmt: skip
+    data.add_argument("--allow-encoder-mismatch", action="store_true",
+                      help="train even if bags come from different encoders or tile specs "
+                      "(every group is recorded in run.json)")  # fmt: skip
     data.add_argument("--out", required=True, type=Path, help="run folder to write")
     data.add_argument("--folds", type=int, help="k of k-fold CV (default 5, or the split column)")
     data.add_argument("--val-fraction", type=float, default=0.15,
@@ -64,6 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument("--monitor", choices=("val_auc", "val_loss"))
     opt.add_argument("--grad-clip", type=float)
     opt.add_argument("--max-instances", type=int, help="subsample bags to N instances (train)")
+    opt.add_argument("--eval-max-instances", type=int,
+                     help="keep N evenly spaced instances of larger validation/test bags "
+                     "(to fit memory; default: whole bags)")  # fmt: skip
     opt.add_argument("--feature-dropout", type=float)
     opt.add_argument("--cache", action="store_true", help="keep bags in memory")
     opt.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
@@ -121,6 +134,7 @@ def config_from_args(args: argparse.Namespace):
         "monitor": args.monitor,
         "grad_clip": args.grad_clip,
         "max_instances": args.max_instances,
+        "eval_max_instances": args.eval_max_instances,
         "feature_dropout": args.feature_dropout,
         "cache": True if args.cache else None,
         "amp": False if args.no_amp else None,
@@ -141,6 +155,9 @@ def run_command(args: argparse.Namespace) -> int:
     model_kwargs = parse_model_args(args.model_arg)
     config = config_from_args(args)
     table = load_labels(args.labels, args.bags, label_column=args.label_column,
+                        slide_column=args.slide_column, case_column=args.case_column,
+                        skip_missing=args.skip_missing,
+                        check_bag_specs=not args.allow_encoder_mismatch,
                         check_finite=not args.no_finite_check)  # fmt: skip
     build_model(args.model, table.in_dim, len(table.class_names), model_kwargs)  # typo check
     splits = None
@@ -153,6 +170,8 @@ def run_command(args: argparse.Namespace) -> int:
                                 seed=config.seed)  # fmt: skip
     main = int(__import__("os").environ.get("RANK", "0")) == 0
     if main:
+        for note in table.notes:
+            print(f"milkit train: note: {note}", file=sys.stderr)
         print(
             f"milkit train: {args.model} on {len(table)} slides, classes {table.class_names}, "
             f"in_dim {table.in_dim}, world size {env_world_size()} -> {args.out}",
