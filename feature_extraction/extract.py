@@ -6,16 +6,28 @@ Tiles are read by DataLoader workers, each with its own slide handle (opened in
 ``torch.inference_mode`` with autocast and channels_last, features are stored as float32.
 
 Batch rules: a failing slide is recorded in ``manifest.csv`` and the run goes on; a tile that
-cannot be decoded is counted and dropped from the bag; a slide without tissue gets a valid
-(0, D) bag. Resume skips complete bags only (writes are atomic). ``shard`` / torchrun
-(RANK, WORLD_SIZE) split the sorted slide list deterministically, and an ``O_CREAT|O_EXCL`` lock
-per slide keeps two workers from writing the same bag.
+cannot be decoded is counted and dropped from the bag (all of them unreadable: the slide fails).
+A slide that yields no tile (smaller than one tile, bare glass, a speck of tissue below
+``min_tissue``) gets status ``empty`` with the reason, and still a valid (0, D) bag: the bag
+records the recipe and the reason, so a rerun skips it like any finished slide, ``milkit info``
+explains it, and training refuses it by name. Resume skips a complete bag only when it was made
+with the same recipe (see :mod:`milkit.feature_extraction.recipe`); any other recipe is refused
+naming the differing settings. ``shard`` / torchrun (RANK, WORLD_SIZE) split the sorted slide
+list deterministically, and an ``O_CREAT|O_EXCL`` lock per slide keeps two workers from writing
+the same bag.
+
+Manifest columns (stable; new ones are only ever appended): ``status`` is the state of the
+slide's bag: ``ok`` (tiles encoded), ``empty`` (0-row bag, ``reason`` says why) or ``failed``
+(``error`` says why; an existing bag made with another recipe is left untouched). A rerun that
+skips a finished slide leaves its row as it is (the run summary counts it as skipped).
+``recipe`` holds the recipe as JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -27,6 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from milkit.feature_extraction.recipe import (
+    bag_recipe,
+    build_recipe,
+    format_differences,
+    recipe_differences,
+)
 
 from milkit.atomic import atomic_write_text
 from milkit.errors import MilkitError
@@ -62,6 +80,8 @@ MANIFEST_FIELDS = (
     "bag_path",
     "slide_path",
     "error",
+    "reason",
+    "recipe",
 )
 HASH_LIMIT_BYTES = 512 * 1024 * 1024  # hash slides up to 512 MiB; bigger ones get size+mtime
 
@@ -181,7 +201,12 @@ def effective_shard(shard: tuple[int, int] | None, env: dict[str, str] | None = 
 
 
 def slide_id_of(path: Path) -> str:
-    """The slide id used for the bag name (a DICOM folder's name, else the file stem)."""
+    """The slide id used for the bag name: the file stem, or the name of a DICOM series folder.
+
+    :func:`discover_slides` returns a folder only when it holds exactly one DICOM series and no
+    other slide; in any other folder a series is returned as its first ``.dcm`` file (sorted by
+    name), so its id is that file's stem: stable and unique within the folder.
+    """
     if path.is_dir():
         return path.name
     name = path.name
@@ -194,9 +219,13 @@ def slide_id_of(path: Path) -> str:
 def discover_slides(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Slides among ``paths``: files as given, folders searched recursively by extension.
 
-    Inside a searched folder, DICOM files count once per folder (a DICOM WSI is one series of
-    ``.dcm`` instances); the folder is the slide. Raises if nothing is found.
+    Inside a searched folder, DICOM files count once per series (a DICOM WSI is one series of
+    ``.dcm`` instances, grouped by SeriesInstanceUID): a folder that is exactly one series and
+    holds no other slide is the slide (named after the folder); otherwise each series is given
+    by its first file (see :func:`slide_id_of`). Raises if nothing is found.
     """
+    from milkit.feature_extraction.slides import dicom_series
+
     found: list[Path] = []
     seen: set[Path] = set()
 
@@ -212,16 +241,23 @@ def discover_slides(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
         if p.is_file():
             add(p)
         elif p.is_dir():
-            dicom_dirs: set[Path] = set()
-            for f in sorted(p.rglob("*")):
-                if not f.is_file() or f.suffix.lower() not in SLIDE_EXTENSIONS:
-                    continue
-                if f.suffix.lower() == ".dcm":
-                    if f.parent not in dicom_dirs:
-                        dicom_dirs.add(f.parent)
-                        add(f.parent)
-                else:
+            files = [
+                f
+                for f in sorted(p.rglob("*"))
+                if f.is_file() and f.suffix.lower() in SLIDE_EXTENSIONS
+            ]
+            dicom_dirs = sorted({f.parent for f in files if f.suffix.lower() == ".dcm"})
+            series = {d: dicom_series(d) for d in dicom_dirs}
+            others = {f.parent for f in files if f.suffix.lower() != ".dcm"}
+            for f in files:
+                if f.suffix.lower() != ".dcm":
                     add(f)
+                    continue
+                groups = series[f.parent]
+                if len(groups) == 1 and f.parent not in others:
+                    add(f.parent)  # the folder is the slide
+                elif any(files_[0] == f for files_ in groups.values()):
+                    add(f)  # first file of its series
         else:
             raise MilkitError("slide path not found", path=p, hint="Check the path")
     if not found:
@@ -360,7 +396,7 @@ class SlideResult:
 
     slide_id: str
     slide_path: str
-    status: str  # ok | skipped | failed
+    status: str  # ok | empty | skipped | failed
     n_tiles: int = 0
     n_bad_tiles: int = 0
     embed_dim: int | None = None
@@ -375,6 +411,8 @@ class SlideResult:
     total_s: float = 0.0
     bag_path: str = ""
     error: str = ""
+    reason: str = ""  # why a slide is empty, or what a skipped slide's bag holds
+    recipe: str = ""  # JSON, see milkit.feature_extraction.recipe
 
 
 @dataclass
@@ -398,16 +436,29 @@ class RunSummary:
         return 1 if self.failed else 0
 
     def format(self) -> str:
-        """Human summary printed at the end of a run."""
+        """Human summary printed at the end of a run: ok / empty / skipped / failed, with reasons.
+
+        Empty and failed slides are listed one per line; skipped ones are only counted, split by
+        what their bag holds (a resumed cohort of thousands stays readable).
+        """
+        skipped = [r for r in self.results if r.status == "skipped"]
+        skipped_empty = sum(r.n_tiles == 0 for r in skipped)
+        held = (
+            f": {len(skipped) - skipped_empty} ok, {skipped_empty} empty" if skipped_empty else ""
+        )
         lines = [
-            f"{len(self.results)} slide(s): {self.count('ok')} ok, {self.count('skipped')} "
-            f"skipped (already done), {self.count('failed')} failed"
+            f"{len(self.results)} slide(s): {self.count('ok')} ok, {self.count('empty')} empty "
+            f"(no tiles), {len(skipped)} skipped (already done with the same settings{held}), "
+            f"{self.count('failed')} failed"
             + (f", {len(self.skipped_locked)} left to other workers" if self.skipped_locked else "")
             + f"; manifest: {self.out_dir / MANIFEST_NAME}"
         ]
         bad_tiles = sum(r.n_bad_tiles for r in self.results)
         if bad_tiles:
             lines.append(f"{bad_tiles} unreadable tile(s) were dropped (see n_bad_tiles)")
+        for r in self.results:
+            if r.status == "empty":
+                lines.append(f"  EMPTY {r.slide_id}: {r.reason}")
         for r in self.failed:
             lines.append(f"  FAILED {r.slide_id}: {r.error}")
         return "\n".join(lines)
@@ -589,6 +640,33 @@ def slide_fingerprint(path: Path, limit: int = HASH_LIMIT_BYTES) -> dict[str, An
     }
 
 
+def empty_reason(slide: Any, tissue: Any, grid: Any, spec: Any) -> str:
+    """Why ``grid`` holds no tile, in the user's terms (tile size, resolution, min tissue)."""
+    from milkit.feature_extraction.tiling import DEFAULT_MPP, plan_tiles
+
+    if spec.magnification is not None:
+        at = f"{spec.magnification:.4g}x"
+    else:
+        at = f"{spec.mpp if spec.mpp is not None else DEFAULT_MPP:.4g} µm/px"
+    w0, h0 = slide.dimensions
+    ps0 = grid.patch_size_level0
+    if w0 < ps0 or h0 < ps0:
+        return (
+            f"smaller than one {spec.patch_size}-px tile at {at} (slide {w0}x{h0} px at "
+            f"{slide.mpp:.4g} µm/px; a tile spans {ps0}x{ps0} level-0 px)"
+        )
+    if not tissue.mask.any():
+        return "no tissue found (bare glass or too faint for the tissue preset)"
+    touching = plan_tiles(slide, tissue, dataclasses.replace(spec, min_tissue=0.0))
+    area = f"tissue covers {tissue.tissue_area_mm2:.3g} mm²"
+    if len(touching) == 0:
+        return (
+            f"no tissue at min-tissue {spec.min_tissue:g} ({area}, only where no whole tile fits)"
+        )
+    best = float(touching.tissue_fraction.max())
+    return f"no tissue at min-tissue {spec.min_tissue:g} ({area}; the best tile holds {best:.0%})"
+
+
 def process_slide(
     slide_path: Path,
     out_dir: Path,
@@ -596,8 +674,13 @@ def process_slide(
     config: ExtractConfig,
     *,
     mpp_override: float | None,
+    recipe: dict[str, Any] | None = None,
 ) -> SlideResult:
-    """Segment, tile, encode and write one slide; raises on slide-level failure."""
+    """Segment, tile, encode and write one slide; raises on slide-level failure.
+
+    The result's status is ``ok``, or ``empty`` (with ``reason``) when no tile was planned; a
+    slide all of whose tiles are unreadable raises. ``recipe`` is recorded in the bag.
+    """
     from milkit.feature_extraction.slides import Slide, TileReadError
     from milkit.feature_extraction.tiling import plan_tiles
     from milkit.feature_extraction.tissue import segment_tissue
@@ -607,6 +690,8 @@ def process_slide(
     t_start = time.perf_counter()
     slide_id = slide_id_of(slide_path)
     result = SlideResult(slide_id, str(slide_path), "failed", encoder=encoder.cfg.name)
+    if recipe is not None:
+        result.recipe = json.dumps(recipe, sort_keys=True)
     with Slide(slide_path, mpp=mpp_override) as slide:
         result.mpp = float(slide.mpp)
         t0 = time.perf_counter()
@@ -638,6 +723,14 @@ def process_slide(
         )
         result.read_s, result.encode_s = read_s, encode_s
         n_bad = int((~ok).sum())
+        if len(grid) and n_bad == len(grid):
+            raise MilkitError(
+                f"all {n_bad} tiles of the slide were unreadable",
+                path=slide_path,
+                hint="The level read for tiles is corrupt; re-export or re-scan the slide",
+            )
+        result.status = "ok" if len(grid) else "empty"
+        result.reason = "" if len(grid) else empty_reason(slide, tissue, grid, config.tile_spec())
         bag_path = out_dir / f"{slide_id}.h5"
         root = {
             "slide_id": slide_id,
@@ -649,6 +742,9 @@ def process_slide(
             "tile_spec": json.dumps(asdict(config.tile_spec()), sort_keys=True),
             "n_bad_tiles": n_bad,
             "bad_tile_coords": json.dumps(grid.coords[~ok].tolist()),
+            "status": result.status,
+            "reason": result.reason,
+            "recipe": result.recipe or None,
         }
         fattrs = encoder.features_attrs()
         fattrs["precision"] = encoder.precision
@@ -665,7 +761,6 @@ def process_slide(
         result.n_tiles, result.n_bad_tiles = int(ok.sum()), n_bad
         result.embed_dim = int(encoder.cfg.embed_dim)
         result.bag_path = str(bag_path)
-        result.status = "ok"
         if config.qc:
             from milkit.feature_extraction.qc import save_qc_thumbnail
 
@@ -714,7 +809,7 @@ def preprocess(
     from milkit.feature_extraction.encoders import create_encoder
     from tqdm.auto import tqdm
 
-    from milkit.bags import is_complete_bag, read_bag_header
+    from milkit.bags import is_complete_bag
 
     config = config or ExtractConfig()
     config.validate()
@@ -745,33 +840,27 @@ def preprocess(
             continue  # the first slide's row/bag stays untouched
         ids_seen[slide_id] = slide_path
         bag_path = out_dir / f"{slide_id}.h5"
+        mpp_override = config.slide_mpp
+        if mpp_override is None and mpp_table:
+            mpp_override = mpp_table.get(slide_id, mpp_table.get(slide_path.name))
+        recipe = build_recipe(
+            config,
+            weights_sha256=encoder.weights_sha256,
+            precision=encoder.precision,
+            slide_mpp=mpp_override,
+        )
+        result.recipe = json.dumps(recipe, sort_keys=True)
         if not config.overwrite and is_complete_bag(bag_path):
-            header = read_bag_header(bag_path)
-            made_with = header.features_attrs.get("encoder")
-            if made_with != cfg.name:
-                result.error = (
-                    f"bag {bag_path} exists but was made with encoder {made_with!r}, not "
-                    f"{cfg.name!r}; use --overwrite or another --out folder"
-                )
-                _record(out_dir, summary, result)
-                continue
-            result.status = "skipped"
-            result.n_tiles, result.embed_dim = header.num_instances, header.dim
-            result.bag_path = str(bag_path)
-            summary.results.append(result)
-            previous = read_manifest(out_dir).get(slide_id, {})
-            if previous.get("status") != "ok":
-                update_manifest(out_dir, asdict(result))
+            _resume(out_dir, summary, result, bag_path, recipe)
             continue
         lock = out_dir / f"{slide_id}.h5.lock"
         if not acquire_lock(lock):
             summary.skipped_locked.append(slide_id)
             continue
         try:
-            mpp_override = config.slide_mpp
-            if mpp_override is None and mpp_table:
-                mpp_override = mpp_table.get(slide_id, mpp_table.get(slide_path.name))
-            result = process_slide(slide_path, out_dir, encoder, config, mpp_override=mpp_override)
+            result = process_slide(
+                slide_path, out_dir, encoder, config, mpp_override=mpp_override, recipe=recipe
+            )
         except MilkitError as err:
             result.error = str(err)
         except Exception as err:  # a batch never stops on one bad slide (DESIGN §8)
@@ -786,6 +875,46 @@ def preprocess(
 def _record(out_dir: Path, summary: RunSummary, result: SlideResult) -> None:
     summary.results.append(result)
     update_manifest(out_dir, asdict(result))
+
+
+def _resume(
+    out_dir: Path,
+    summary: RunSummary,
+    result: SlideResult,
+    bag_path: Path,
+    recipe: dict[str, Any],
+) -> None:
+    """A complete bag exists: skip it if made with ``recipe``, else refuse naming the changes.
+
+    A refusal leaves the bag untouched and records the slide as failed (so training with the
+    manifest never mixes two recipes from one folder unknowingly).
+    """
+    from milkit.bags import read_bag_header
+
+    header = read_bag_header(bag_path)
+    old, legacy = bag_recipe(header)
+    diffs = recipe_differences(old, recipe, legacy=legacy)
+    if diffs:
+        result.error = str(
+            MilkitError(
+                f"existing bag was made with other settings: {format_differences(diffs)}",
+                path=bag_path,
+                hint="Pass --overwrite to redo it with the new settings, or write to another "
+                "--out folder (the bags of one folder share one recipe)",
+            )
+        )
+        _record(out_dir, summary, result)
+        return
+    root = header.root_attrs
+    bag_status = str(root.get("status", "ok" if header.num_instances else "empty"))
+    result.status = "skipped"
+    result.n_tiles, result.embed_dim = header.num_instances, header.dim
+    result.bag_path = str(bag_path)
+    result.reason = str(root.get("reason", "") or "")
+    summary.results.append(result)
+    previous = read_manifest(out_dir).get(result.slide_id, {})
+    if previous.get("status") != bag_status:  # the row describes the bag, not this run
+        update_manifest(out_dir, {**asdict(result), "status": bag_status})
 
 
 __all__ = [

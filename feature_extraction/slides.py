@@ -16,6 +16,7 @@ import contextlib
 import csv
 import ctypes
 import math
+import re
 import sys
 import threading
 from collections.abc import Mapping
@@ -31,9 +32,22 @@ MAX_READ_PIXELS = 2**28  # refuse whole-level reads beyond ~268 Mpx (~1 GiB RGBA
 _THUMB_DIRECT_PIXELS = 2**26  # above this, thumbnails are built block by block
 _TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff", ".btf", ".tf8", ".qptiff"}
 _MPP_HINT = (
-    "Pass the resolution yourself: --mpp VALUE for the run, or a per-slide CSV with columns "
-    "slide_id,mpp (e.g. 0.25 for 40x, 0.5 for 20x scans)"
+    "Give milkit preprocess the slide's level-0 resolution: --slide-mpp VALUE for every slide "
+    "of the run, or --mpp-csv FILE with columns slide_id,mpp (e.g. 0.25 for 40x, 0.5 for 20x "
+    "scans); --mpp is the target resolution of the tiles, not the slide's"
 )
+# Length units of OME-XML PhysicalSize*Unit, in µm (OME schema UnitsLength; µm is the default).
+_OME_UNITS_UM = {
+    "pm": 1e-6,
+    "Å": 1e-4,
+    "nm": 1e-3,
+    "µm": 1.0,  # MICRO SIGN
+    "μm": 1.0,  # GREEK SMALL LETTER MU
+    "um": 1.0,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
+}
 
 
 class TileReadError(MilkitError):
@@ -52,28 +66,99 @@ def _as_float(value: Any) -> float | None:
     return out if math.isfinite(out) and out > 0 else None
 
 
+def _numbers(value: Any) -> list[float]:
+    """Every positive finite number in a property value (``'"0.00025" "0.00025"'`` → 2)."""
+    out = []
+    for token in re.findall(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", str(value or "")):
+        number = _as_float(token)
+        if number is not None:
+            out.append(number)
+    return out
+
+
+def _ome_mpp(description: str) -> float | None:
+    """µm/px from the first ``Pixels`` element of an OME-XML description (PhysicalSizeX + unit)."""
+    if "<OME" not in description[:4096]:
+        return None
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(description)
+    except ET.ParseError:
+        return None
+    for element in root.iter():
+        if element.tag.rsplit("}", 1)[-1] == "Pixels":
+            size = _as_float(element.get("PhysicalSizeX"))
+            scale = _OME_UNITS_UM.get(element.get("PhysicalSizeXUnit", "µm"))
+            return None if size is None or scale is None else size * scale
+    return None
+
+
+def _aperio_description_mpp(description: str) -> float | None:
+    """µm/px from an Aperio ImageDescription (``... |MPP = 0.499|...``)."""
+    if not description.startswith("Aperio"):
+        return None
+    match = re.search(r"\|\s*MPP\s*=\s*([^|\s]+)", description)
+    return _as_float(match.group(1)) if match else None
+
+
+# DICOM WSI pixel spacing (mm, row spacing then column spacing), as OpenSlide lists it.
+_DICOM_SPACING_KEYS = (
+    "dicom.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing",
+    "dicom.PerFrameFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing",
+    "dicom.PixelSpacing",
+)
+
+
 def mpp_candidates(properties: Mapping[str, str]) -> list[tuple[str, float]]:
-    """(source key, µm/px) pairs found in slide properties, most trusted first."""
+    """(source key, level-0 µm/px in x) pairs found in slide properties, most trusted first.
+
+    Sources, in order: OpenSlide's own ``openslide.mpp-x``; vendor keys (Aperio ``MPP``, MIRAX,
+    Philips ``DICOM_PIXEL_SPACING`` in mm, Ventana ``ScanRes``, Hamamatsu resolution in px/cm);
+    DICOM ``PixelSpacing`` (mm; shared or per-frame functional groups, or top level); OME-XML
+    ``PhysicalSizeX`` with its unit; an Aperio ImageDescription read outside OpenSlide; last
+    the TIFF ``XResolution`` tag with ``ResolutionUnit`` inch or centimetre (often a bogus
+    72 dpi, hence last and range-checked by :func:`resolve_mpp`).
+    """
     found: list[tuple[str, float]] = []
+
+    def add(key: str, value: float | None) -> None:
+        if value is not None:
+            found.append((key, value))
+
     for key in (
         "openslide.mpp-x",
         "aperio.MPP",
         "openslide.mirax.MPP",
         "mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_X",
     ):
-        value = _as_float(properties.get(key))
-        if value is not None:
-            found.append((key, value))
+        add(key, _as_float(properties.get(key)))
+    spacing = _numbers(properties.get("philips.DICOM_PIXEL_SPACING"))
+    if spacing:  # "row col" in mm, like DICOM
+        add("philips.DICOM_PIXEL_SPACING", spacing[-1] * 1e3)
+    add("ventana.ScanRes", _as_float(properties.get("ventana.ScanRes")))
     # Hamamatsu NDPI resolution is in pixels per centimetre (TIFF ResolutionUnit 3).
     value = _as_float(properties.get("hamamatsu.XResolution"))
     if value is not None:
-        found.append(("hamamatsu.XResolution", 1e4 / value))
+        add("hamamatsu.XResolution", 1e4 / value)
+    for key in _DICOM_SPACING_KEYS:
+        # OpenSlide lists multi-valued elements as key[0], key[1]; [1] is the column spacing (x).
+        value = _as_float(properties.get(f"{key}[1]", properties.get(f"{key}[0]")))
+        if value is None:
+            numbers = _numbers(properties.get(key))
+            value = numbers[-1] if numbers else None
+        if value is not None:
+            add(key, value * 1e3)
+            break
+    description = str(properties.get("tiff.ImageDescription", ""))
+    add("OME-XML PhysicalSizeX", _ome_mpp(description))
+    add("tiff.ImageDescription (Aperio MPP)", _aperio_description_mpp(description))
     value = _as_float(properties.get("tiff.XResolution"))
     unit = str(properties.get("tiff.ResolutionUnit", "")).lower()
     if value is not None and unit in {"inch", "2"}:
-        found.append(("tiff.XResolution", 25_400.0 / value))
+        add("tiff.XResolution", 25_400.0 / value)
     elif value is not None and unit in {"centimeter", "centimetre", "3"}:
-        found.append(("tiff.XResolution", 1e4 / value))
+        add("tiff.XResolution", 1e4 / value)
     return found
 
 
@@ -492,17 +577,48 @@ class _TiffFileBackend:
 # the public reader
 
 
+def dicom_series(folder: Path) -> dict[str, list[Path]]:
+    """The ``.dcm`` files directly in ``folder`` grouped by DICOM SeriesInstanceUID.
+
+    One series is one slide (its pyramid levels and associated images are separate instances).
+    The UID is read through OpenSlide (about 1 ms per file); a file OpenSlide cannot open forms
+    a group of its own, keyed by its name, so that opening it later reports the problem.
+    Groups and their files are sorted, so the result is stable.
+    """
+    import openslide
+
+    groups: dict[str, list[Path]] = {}
+    for f in sorted(folder.glob("*.dcm")):
+        if not f.is_file():
+            continue
+        try:
+            with openslide.OpenSlide(str(f)) as handle:
+                uid = handle.properties.get("dicom.SeriesInstanceUID") or f"file:{f.name}"
+        except Exception:  # not a WSI DICOM OpenSlide reads: keep it visible as its own group
+            uid = f"file:{f.name}"
+        groups.setdefault(uid, []).append(f)
+    return dict(sorted(groups.items(), key=lambda kv: kv[1][0].name))
+
+
 def _resolve_path(path: Path) -> tuple[Path, str]:
-    """(file to open, slide id). A DICOM folder opens through its first ``.dcm`` file."""
+    """(file to open, slide id). A DICOM folder holding one series opens through its first file."""
     if path.is_dir():
-        dcm = sorted(path.glob("*.dcm"))
-        if not dcm:
+        series = dicom_series(path)
+        if not series:
             raise MilkitError(
                 "slide path is a folder without DICOM (.dcm) files",
                 path=path,
                 hint="Give a slide file, or a folder holding one DICOM WSI series",
             )
-        return dcm[0], path.name
+        if len(series) > 1:
+            firsts = [files[0].name for files in series.values()]
+            raise MilkitError(
+                f"folder holds {len(series)} DICOM series (first files: {', '.join(firsts[:4])})",
+                path=path,
+                hint="Give one .dcm file of the series you mean (OpenSlide finds the rest), or "
+                "let milkit preprocess search the folder: it names each series after its first file",
+            )
+        return next(iter(series.values()))[0], path.name
     name = path.name
     for suffix in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(suffix):
@@ -615,7 +731,7 @@ class Slide:
 
     @property
     def mpp(self) -> float:
-        """Level-0 µm/px (override, else metadata); MilkitError asking for --mpp if unknown."""
+        """Level-0 µm/px (override, else metadata); MilkitError naming --slide-mpp if unknown."""
         if self._mpp is None:
             self._mpp = resolve_mpp(
                 self.properties,

@@ -35,26 +35,19 @@ def test_preprocess_cli_records_failures_and_exits_nonzero(slides_dir, tmp_path,
     )
     assert rc == 1
     err = capsys.readouterr().err
-    assert "1 ok" in err and "1 failed" in err and "FAILED broken: cannot open slide" in err
+    assert "1 empty" in err and "1 failed" in err and "FAILED broken: cannot open slide" in err
     bag = read_bag(tmp_path / "small.h5")
     assert bag.features.dtype == np.float16 and bag.features.shape == (0, 218)
     assert (tmp_path / "manifest.csv").is_file()
-    # A rerun skips the finished slide and still reports the broken one.
-    assert (
-        main(
-            [
-                "preprocess",
-                str(slides_dir / "synthetic/small.svs"),
-                "--out",
-                str(tmp_path),
-                "--workers",
-                "0",
-                "--no-progress",
-            ]
-        )
-        == 0
+    # A rerun with the same settings skips the finished slide; float32 would mix dtypes.
+    rerun = ["preprocess", str(slides_dir / "synthetic/small.svs"), "--out", str(tmp_path)]
+    rerun += ["--workers", "0", "--no-progress"]
+    assert main([*rerun, "--float16"]) == 0
+    assert "1 skipped (already done with the same settings: 0 ok, 1 empty)" in (
+        capsys.readouterr().out
     )
-    assert "1 skipped" in capsys.readouterr().out
+    assert main(rerun) == 1
+    assert "dtype 'float16' → 'float32' (--float16)" in capsys.readouterr().err
 
 
 def test_preprocess_cli_mpp_options(slides_dir, tmp_path, capsys):

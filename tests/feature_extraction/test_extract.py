@@ -66,19 +66,20 @@ def test_batch_over_fixtures_never_stops(fixture_run):
     assert {k: r.status for k, r in status.items()} == {
         "CMU-1-Small-Region": "ok",
         "broken": "failed",
-        "small": "ok",
+        "small": "empty",
         "unreadable": "failed",
         "unopenable": "failed",
         "boxes": "failed",
-        "boxes_0": "ok",
+        "boxes_0": "empty",
     }
     assert summary.exit_code == 1
     assert "cannot open slide" in status["broken"].error
     assert "cannot open slide" in status["unopenable"].error
     assert "tissue segmentation could not read" in status["unreadable"].error
-    assert "absurd resolution" in status["boxes"].error and "--mpp" in status["boxes"].error
+    assert "absurd resolution" in status["boxes"].error and "--slide-mpp" in status["boxes"].error
     text = summary.format()
-    assert "3 ok" in text and "4 failed" in text and "FAILED broken" in text
+    assert "1 ok, 2 empty" in text and "4 failed" in text and "FAILED broken" in text
+    assert "EMPTY small: smaller than one 256-px tile at 0.5 µm/px" in text
     manifest = read_manifest(out)
     assert set(manifest) == set(status)
     assert manifest["broken"]["status"] == "failed" and manifest["broken"]["error"]
@@ -148,9 +149,9 @@ def test_rerun_skips_complete_bags_and_mpp_csv_rescues(fixture_run, slides_dir, 
     slides = [slides_dir / "CMU-1-Small-Region.svs", slides_dir / "synthetic/boxes.tiff"]
     summary = preprocess(slides, out, ExtractConfig(**FAST, mpp_csv=csv))
     status = {r.slide_id: r.status for r in summary.results}
-    assert status == {"CMU-1-Small-Region": "skipped", "boxes": "ok"}
+    assert status == {"CMU-1-Small-Region": "skipped", "boxes": "empty"}  # boxes: no tissue
     assert (out / "CMU-1-Small-Region.h5").stat().st_mtime_ns == before
-    assert read_manifest(out)["boxes"]["status"] == "ok"
+    assert read_manifest(out)["boxes"]["status"] == "empty"
     assert read_bag(out / "boxes.h5").coords_attrs["mpp_level0"] == 0.5
 
 
@@ -163,12 +164,12 @@ def test_existing_bag_from_another_encoder_is_not_mixed_in(slides_dir, tmp_path)
     )
     summary = preprocess([slides_dir / "synthetic/small.svs"], tmp_path, ExtractConfig(**FAST))
     (result,) = summary.results
-    assert result.status == "failed" and "made with encoder 'uni'" in result.error
+    assert result.status == "failed" and "encoder 'uni' → 'fast' (--encoder)" in result.error
     assert "--overwrite" in result.error
     summary = preprocess(
         [slides_dir / "synthetic/small.svs"], tmp_path, ExtractConfig(**FAST, overwrite=True)
     )
-    assert summary.results[0].status == "ok" and summary.exit_code == 0
+    assert summary.results[0].status == "empty" and summary.exit_code == 0
     assert read_bag(tmp_path / "small.h5").dim == 218
 
 
@@ -176,8 +177,8 @@ def test_discovery(slides_dir, tmp_path):
     found = discover_slides([slides_dir])
     names = sorted(p.name for p in found)
     assert "CMU-1-Small-Region.svs" in names and "boxes.tiff" in names
-    assert "synthetic" in names  # the DICOM series folder counts once
-    assert not any(n.endswith(".dcm") for n in names)
+    # The DICOM series counts once; its folder holds other slides, so it is named by its file.
+    assert "boxes_0.dcm" in names and "boxes_1.dcm" not in names and "synthetic" not in names
     assert "README.md" not in names
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(MilkitError, match="no slides found"):
@@ -237,7 +238,7 @@ def test_live_lock_skips_and_dead_lock_is_cleared(slides_dir, tmp_path):
         helper.kill()
         helper.wait()
     summary = preprocess([small], tmp_path, ExtractConfig(**FAST))  # holder is dead now
-    assert [r.status for r in summary.results] == ["ok"] and not lock.exists()
+    assert [r.status for r in summary.results] == ["empty"] and not lock.exists()
 
 
 def _corrupt_tile(path: Path, tile_index: int) -> None:
@@ -401,3 +402,82 @@ def test_resnet50_trunc_run_with_local_checkpoint(tmp_path):
 
     # CPU default: bf16 autocast where the CPU has native bf16, else fp32.
     assert bag.features_attrs["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
+
+
+def _strip_tiff(path: Path, width: int, height: int, bands: list[tuple[int, int, int, int]]):
+    """A plain strip TIFF at 0.5 µm/px: near-white glass with pink 'tissue' boxes (x0, y0, x1, y1)."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    img = (240 + rng.integers(0, 8, (height, width, 3))).astype(np.uint8)
+    for x0, y0, x1, y1 in bands:
+        shape = (y1 - y0, x1 - x0)
+        img[y0:y1, x0:x1] = np.stack(
+            [
+                rng.integers(150, 200, shape),
+                rng.integers(60, 110, shape),
+                rng.integers(140, 190, shape),
+            ],
+            axis=-1,
+        ).astype(np.uint8)
+    tifffile.imwrite(
+        path, img, photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER"
+    )
+    return path
+
+
+def test_slides_without_tiles_are_empty_with_a_reason(slides_dir, tmp_path):
+    """16x16 slide, bare glass, a speck of tissue: status empty, reason, 0-row bag, exit 0."""
+    glass = _strip_tiff(tmp_path / "glass.tif", 1024, 1024, [])
+    # A 45-µm band of tissue along a tile boundary: each tile holds < 25 % of tissue.
+    speck = _strip_tiff(tmp_path / "speck.tif", 2048, 768, [(400, 211, 1800, 301)])
+    slides = [slides_dir / "synthetic/small.svs", glass, speck]
+    out = tmp_path / "bags"
+    summary = preprocess(slides, out, ExtractConfig(**FAST))
+    by_id = {r.slide_id: r for r in summary.results}
+    assert {k: r.status for k, r in by_id.items()} == dict.fromkeys(
+        ("small", "glass", "speck"), "empty"
+    )
+    assert summary.exit_code == 0 and summary.count("ok") == 0
+    assert by_id["small"].reason.startswith("smaller than one 256-px tile at 0.5 µm/px")
+    assert by_id["glass"].reason.startswith("no tissue found")
+    assert by_id["speck"].reason.startswith("no tissue at min-tissue 0.25")
+    assert "the best tile holds 1" in by_id["speck"].reason  # 10–19 %
+    text = summary.format()
+    assert "0 ok, 3 empty (no tiles)" in text
+    assert "EMPTY speck: no tissue at min-tissue 0.25" in text
+    manifest = read_manifest(out)
+    for sid, r in by_id.items():
+        assert manifest[sid]["status"] == "empty" and manifest[sid]["reason"] == r.reason
+        bag = read_bag(out / f"{sid}.h5")  # still a valid 0-row bag, with the reason inside
+        assert bag.features.shape == (0, 218) and bag.coords.shape == (0, 2)
+        assert bag.root_attrs["status"] == "empty" and bag.root_attrs["reason"] == r.reason
+    # With a lower min-tissue the speck is tiled: a changed recipe is refused, not mixed in ...
+    summary = preprocess([speck], out, ExtractConfig(**FAST, min_tissue=0.1))
+    assert (
+        summary.results[0].status == "failed"
+        and "min_tissue 0.25 → 0.1" in summary.results[0].error
+    )
+    # ... and in a fresh folder it gives tiles.
+    summary = preprocess([speck], tmp_path / "low", ExtractConfig(**FAST, min_tissue=0.1))
+    assert summary.results[0].status == "ok" and summary.results[0].n_tiles >= 4
+    # A rerun skips empty slides like finished ones, and says what they hold.
+    summary = preprocess(slides, out, ExtractConfig(**FAST))
+    assert [r.status for r in summary.results] == ["skipped"] * 3
+    assert "3 skipped (already done with the same settings: 0 ok, 3 empty)" in summary.format()
+    assert read_manifest(out)["speck"]["status"] == "empty"
+
+
+def test_slide_whose_tiles_are_all_unreadable_fails(synthetic_slides, tmp_path):
+    import shutil
+
+    src = synthetic_slides["normal_b"].path
+    broken = tmp_path / "slides" / src.name
+    broken.parent.mkdir()
+    shutil.copy(src, broken)
+    for i in range(64):  # every tile of the 8 x 8 level-0 grid; level 1 (segmentation) is intact
+        _corrupt_tile(broken, i)
+    summary = preprocess([broken], tmp_path / "bags", ExtractConfig(**FAST))
+    (result,) = summary.results
+    assert result.status == "failed" and "tiles of the slide were unreadable" in result.error
+    assert not (tmp_path / "bags" / "normal_b.h5").exists()

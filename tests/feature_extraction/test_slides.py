@@ -12,6 +12,8 @@ from milkit.feature_extraction.slides import (
     Slide,
     TileReadError,
     _composite_on_white,
+    dicom_series,
+    mpp_candidates,
     open_slide,
     read_mpp_csv,
 )
@@ -99,7 +101,8 @@ def test_absurd_mpp_is_rejected_with_hint_and_override_works(slides_dir: Path) -
         with pytest.raises(MilkitError) as info:
             _ = s.mpp
         message = str(info.value)
-        assert "352.78" in message and "--mpp" in message and str(path) in message
+        assert "352.78" in message and "--slide-mpp" in message and str(path) in message
+        assert "--mpp-csv" in message and "--mpp VALUE" not in message
     with Slide(path, mpp=0.5) as s:
         assert s.mpp == 0.5
         assert s.magnification == pytest.approx(20.0)
@@ -252,3 +255,143 @@ def test_corrupt_tile_in_whole_level_read_is_a_tile_read_error(slides_dir: Path)
         pytest.raises(TileReadError),
     ):
         s.thumbnail(8)
+
+
+_PIXELS = np.full((64, 64, 3), 230, np.uint8)
+_APERIO = "Aperio Image Library v12.0.15\r\n64x64 (240x240) JPEG/RGB Q=70|AppMag = 20|MPP = 0.4990"
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "backend", "mpp"),
+    [
+        ("cm.tif", {"resolution": (2e4, 2e4), "resolutionunit": "CENTIMETER"}, "tifffile", 0.5),
+        ("inch.tif", {"resolution": (50800, 50800), "resolutionunit": "INCH"}, "tifffile", 0.5),
+        (
+            "tiled_cm.tif",
+            {"tile": (16, 16), "resolution": (4e4, 4e4), "resolutionunit": "CENTIMETER"},
+            "openslide",
+            0.25,
+        ),
+        (
+            "tiled_inch.tif",
+            {"tile": (16, 16), "resolution": (50800, 50800), "resolutionunit": "INCH"},
+            "openslide",
+            0.5,
+        ),
+        ("um.ome.tif", {"metadata": {"axes": "YXS", "PhysicalSizeX": 0.25}}, "tifffile", 0.25),
+        (
+            "nm.ome.tif",
+            {"metadata": {"axes": "YXS", "PhysicalSizeX": 242.0, "PhysicalSizeXUnit": "nm"}},
+            "tifffile",
+            0.242,
+        ),
+        (
+            "tiled.ome.tif",
+            {"tile": (16, 16), "metadata": {"axes": "YXS", "PhysicalSizeX": 0.25}},
+            "openslide",
+            0.25,
+        ),
+        ("aperio.tif", {"description": _APERIO, "metadata": None}, "tifffile", 0.499),
+    ],
+)
+def test_mpp_read_from_every_tiff_form(tmp_path: Path, name, kwargs, backend, mpp) -> None:
+    """TIFF resolution tags (cm, inch), OME-XML PhysicalSizeX with units, Aperio descriptions."""
+    import tifffile
+
+    path = tmp_path / name
+    tifffile.imwrite(path, _PIXELS, photometric="rgb", **kwargs)
+    with Slide(path) as s:
+        assert s.backend == backend
+        assert s.mpp == pytest.approx(mpp)
+
+
+@pytest.mark.parametrize(
+    ("properties", "mpp"),
+    [
+        ({"philips.DICOM_PIXEL_SPACING": '"0.000243" "0.000242"'}, 0.242),
+        ({"ventana.ScanRes": "0.4649"}, 0.4649),
+        ({"hamamatsu.XResolution": "43783"}, 1e4 / 43783),
+        ({"openslide.mirax.MPP": "0.2428"}, 0.2428),
+        (
+            {
+                "dicom.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0]": ".000499",
+                "dicom.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[1]": ".000498",
+            },
+            0.498,
+        ),
+        (
+            {
+                "dicom.PerFrameFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0]": "0.00025"
+            },
+            0.25,
+        ),
+        ({"dicom.PixelSpacing": "0.00025\\0.00025"}, 0.25),
+        ({"tiff.ImageDescription": _APERIO}, 0.499),
+        # OpenSlide's own value wins over a bogus 72-dpi TIFF tag.
+        (
+            {"openslide.mpp-x": "0.2527", "tiff.XResolution": "72", "tiff.ResolutionUnit": "inch"},
+            0.2527,
+        ),
+    ],
+)
+def test_mpp_from_vendor_and_dicom_keys(properties, mpp) -> None:
+    _key, value = mpp_candidates(properties)[0]
+    assert value == pytest.approx(mpp)
+    path = Path("x.svs")
+    assert slides_mod.resolve_mpp(properties, override=None, slide_name="x", path=path) == (
+        pytest.approx(mpp)
+    )
+
+
+def test_ome_unit_unknown_or_missing_size_is_not_guessed() -> None:
+    ome = '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image><Pixels '
+    assert (
+        mpp_candidates(
+            {
+                "tiff.ImageDescription": ome
+                + 'PhysicalSizeX="3" PhysicalSizeXUnit="parsec"/></Image></OME>'
+            }
+        )
+        == []
+    )
+    assert mpp_candidates({"tiff.ImageDescription": ome + "/></Image></OME>"}) == []
+    assert mpp_candidates({"tiff.ImageDescription": "<OME broken"}) == []
+
+
+def _second_series(src: Path, dst: Path) -> None:
+    """Copy a DICOM instance with its SeriesInstanceUID changed (same length, one digit)."""
+    data = src.read_bytes()
+    uid = b"1.3.6.1.4.1.5962.99.1.1747645553.419656796.1689669825649.4.0"
+    assert data.count(uid) == 1
+    dst.write_bytes(data.replace(uid, uid[:-1] + b"7"))
+
+
+def test_dicom_folder_with_several_series(slides_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from milkit.feature_extraction.extract import discover_slides, slide_id_of
+
+    src = slides_dir / "synthetic"
+    one = tmp_path / "one_series"
+    one.mkdir()
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        shutil.copy(src / name, one / name)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(src / "boxes_0.dcm", mixed / "a_0.dcm")
+    shutil.copy(src / "boxes_1.dcm", mixed / "a_1.dcm")
+    _second_series(src / "boxes_0.dcm", mixed / "b_0.dcm")
+    _second_series(src / "boxes_1.dcm", mixed / "b_1.dcm")
+    assert [len(v) for v in dicom_series(mixed).values()] == [2, 2]
+    with pytest.raises(MilkitError, match="folder holds 2 DICOM series") as info:
+        Slide(mixed)
+    assert "a_0.dcm, b_0.dcm" in str(info.value)
+    ids = sorted(slide_id_of(p) for p in discover_slides([tmp_path]))
+    # A folder that is one series keeps its name; a folder of several is named per series.
+    assert ids == ["a_0", "b_0", "one_series"]
+    for p in discover_slides([mixed]):
+        with Slide(p) as s:
+            assert s.vendor == "dicom" and s.dimensions == (16, 16)
+    # The shared fixture folder holds one series *and* other slides: named after the file.
+    found = {slide_id_of(p): p for p in discover_slides([src])}
+    assert "synthetic" not in found and found["boxes_0"].name == "boxes_0.dcm"
