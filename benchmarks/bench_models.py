@@ -9,6 +9,11 @@ Examples:
     python benchmarks/bench_models.py                         # all models, N = 1e3, 1e4, 1e5
     python benchmarks/bench_models.py --models 'abmil*' --sizes 10000 --compare-torchmil
     python benchmarks/bench_models.py --models transmil,mhim-abmil --device cuda
+    python benchmarks/bench_models.py --models clam-sb,clam-mb,dsmil --sizes 100000 \
+        --repeats 1 --max-rss-gb 8                            # memory at scale (CPU)
+
+``--max-rss-gb`` adds ``under_limit`` (peak RSS ≤ the limit) to each record and makes the exit
+status 1 when a case exceeds it. The cases run one after another, never in parallel.
 
 ``--compare-torchmil`` adds the configuration torchmil's ABMIL uses (no embedding layer,
 attention 1024→128→1, plain and gated; torchmil defaults) both as milkit ``abmil`` with
@@ -150,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     parser.add_argument("--compare-torchmil", action="store_true")
+    parser.add_argument(
+        "--max-rss-gb", type=float, default=None, help="fail a case whose peak RSS exceeds this"
+    )
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -192,7 +200,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"model": name, "n": n, "error": err}))
                 failed += 1
                 continue
-            print(lines[-1], flush=True)
+            record = json.loads(lines[-1])
+            if args.max_rss_gb is not None:
+                record["max_rss_gb"] = args.max_rss_gb
+                record["under_limit"] = record["peak_mb"] <= args.max_rss_gb * 1024
+                failed += 0 if record["under_limit"] else 1
+            print(json.dumps(record), flush=True)
     return 1 if failed else 0
 
 
