@@ -9,13 +9,17 @@ any pyramid level on demand, so a 100,000 × 80,000 slide streams tile by tile i
 Tumour regions look clearly different from normal tissue (denser, larger, darker, bluer nuclei on a
 more purple background), so even a weight-free colour/texture encoder can separate them; the masks
 are saved beside the slide (``<stem>.masks.npz``) as ground truth.
+
+Marker ink (:class:`PenStroke`): pathologists' blue, green, black or red marker strokes drawn on
+the glass or over tissue, rendered as a coloured filter over whatever lies beneath (with streaks),
+and saved as a label mask (``ink_mask``) so tests can count the tiles that hold only ink.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +34,37 @@ from milkit.errors import MilkitError
 _TEXTURE_PX = 1024  # level-0 side of the periodic tissue textures (4 × 4 tiles of 256 px)
 _BACKGROUND_BGR = (242, 242, 243)  # glass: near-white, no saturation
 _MAX_MASK_PIXELS = 4_000_000  # layout resolution cap: keeps a 100k × 80k slide's masks ~2 Mpx
+
+# Marker ink as seen on glass (RGB), i.e. the fraction of light each ink lets through is this
+# colour over the glass colour. Values picked from scanned marker strokes (dark, saturated blue and
+# green, near-neutral black, saturated red); ``ink_mask`` labels are 1 + the index in this table.
+PEN_RGB: dict[str, tuple[int, int, int]] = {
+    "blue": (45, 95, 185),
+    "green": (40, 130, 90),
+    "black": (40, 40, 48),
+    "red": (200, 45, 60),
+}
+PEN_COLOURS = tuple(PEN_RGB)
+
+
+@dataclass(frozen=True)
+class PenStroke:
+    """One marker stroke: a polyline in level-0 pixels drawn ``width_um`` micrometres wide."""
+
+    colour: str
+    points: tuple[tuple[float, float], ...]
+    width_um: float = 200.0
+
+    def __post_init__(self) -> None:
+        if self.colour not in PEN_RGB:
+            raise MilkitError(
+                "unknown pen colour", value=self.colour, hint=f"Use one of: {', '.join(PEN_RGB)}"
+            )
+        if len(self.points) < 1 or self.width_um <= 0:
+            raise MilkitError(
+                "a pen stroke needs at least one point and a positive width",
+                value=(self.points, self.width_um),
+            )
 
 
 @dataclass(frozen=True)
@@ -50,6 +85,7 @@ class SyntheticSlide:
     tumour_mask: np.ndarray
     mask_downsample: int
     texture_seed: int = 0
+    ink_mask: np.ndarray | None = None  # uint8 labels: 0 none, 1 + index in PEN_COLOURS
 
     @property
     def masks_path(self) -> Path:
@@ -98,6 +134,26 @@ def _tissue_layout(
         return np.ones(shape, dtype=bool)
     threshold = np.quantile(field, 1.0 - tissue_fraction)
     return field > threshold
+
+
+def _ink_layout(
+    shape: tuple[int, int], ds: int, mpp: float, strokes: Sequence[PenStroke]
+) -> np.ndarray | None:
+    """uint8 label mask of the strokes on the layout grid (None without strokes)."""
+    if not strokes:
+        return None
+    ink = np.zeros(shape, dtype=np.uint8)
+    for stroke in strokes:
+        pts = np.round((np.asarray(stroke.points, dtype=np.float64) + 0.5) / ds - 0.5)
+        thickness = max(1, round(stroke.width_um / (mpp * ds)))
+        label = 1 + PEN_COLOURS.index(stroke.colour)
+        poly = pts.astype(np.int32).reshape(-1, 1, 2)
+        if len(poly) == 1:
+            c = (int(poly[0, 0, 0]), int(poly[0, 0, 1]))
+            cv2.circle(ink, c, max(1, thickness // 2), label, -1, cv2.LINE_8)
+        else:
+            cv2.polylines(ink, [poly], False, label, thickness, cv2.LINE_8)
+    return ink
 
 
 def _tumour_layout(
@@ -161,6 +217,22 @@ def _texture(rng: np.random.Generator, mpp: float, tumour: bool) -> np.ndarray:
                 if -r <= x < p + r and -r <= y < p + r:
                     cv2.circle(canvas, (int(x), int(y)), int(r), colour, -1, cv2.LINE_AA)
     return canvas
+
+
+@functools.lru_cache(maxsize=8)
+def _ink_streaks(texture_seed: int, mpp: float) -> np.ndarray:
+    """Periodic (P, P) float32 factor in about [0.8, 1.2]: marker ink is never perfectly even."""
+    rng = np.random.default_rng([texture_seed, 3])
+    p = _TEXTURE_PX
+    # streaks: long along x, ~10 µm across (anisotropic blur of noise, wrapped so it tiles)
+    sx, sy = max(1.0, 60.0 / mpp), max(1.0, 5.0 / mpp)
+    pad = int(3 * max(sx, sy)) + 1
+    noise = np.pad(rng.standard_normal((p, p)).astype(np.float32), pad, mode="wrap")
+    field = cv2.GaussianBlur(noise, (0, 0), sigmaX=sx, sigmaY=sy)[pad:-pad, pad:-pad]
+    field *= 0.08 / (field.std() + 1e-6)
+    out = np.clip(1.0 + field, 0.8, 1.2).astype(np.float32)
+    out.flags.writeable = False
+    return out
 
 
 @functools.lru_cache(maxsize=8)
@@ -235,14 +307,23 @@ class _Renderer:
         mask_downsample: int,
         normal_tex: np.ndarray,
         tumour_tex: np.ndarray,
+        ink: np.ndarray | None = None,
+        streaks: np.ndarray | None = None,
     ) -> None:
         self.tissue = tissue
         self.tumour = tumour
         self.ds = mask_downsample
         self.normal_tex = normal_tex
         self.tumour_tex = tumour_tex
+        self.ink = ink if ink is not None and ink.any() else None
+        self.streaks = streaks
         self._level_tex: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+        self._level_streaks: dict[float, np.ndarray] = {}
         self._glass_tile: np.ndarray | None = None
+        # BGR fraction of light each ink label lets through (label 0: no ink)
+        glass = np.asarray(_BACKGROUND_BGR, dtype=np.float32)
+        ink_bgr = np.asarray([PEN_RGB[c][::-1] for c in PEN_COLOURS], dtype=np.float32)
+        self._ink_lut = np.vstack([np.ones((1, 3), np.float32), np.minimum(ink_bgr / glass, 1)])
 
     def textures(self, downsample: float) -> tuple[np.ndarray, np.ndarray]:
         if downsample not in self._level_tex:
@@ -261,8 +342,34 @@ class _Renderer:
         cols = np.minimum(((x + np.arange(w) + 0.5) * scale[0] / self.ds).astype(np.int64), mw - 1)
         r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
         block = self.tissue[r0:r1, c0:c1]
+        ink = None if self.ink is None else self.ink[r0:r1, c0:c1]
+        if ink is not None and not ink.any():
+            ink = None
         if not block.any():
-            return None
+            if ink is None:
+                return None
+            out = self._glass(h, w).copy()
+        else:
+            out = self._tissue(block, r0, r1, c0, c1, rows, cols, x, y, w, h, nominal)
+        if ink is not None:
+            self._draw_ink(out, ink, rows - r0, cols - c0, x, y, w, h, nominal)
+        return out
+
+    def _tissue(
+        self,
+        block: np.ndarray,
+        r0: int,
+        r1: int,
+        c0: int,
+        c1: int,
+        rows: np.ndarray,
+        cols: np.ndarray,
+        x: int,
+        y: int,
+        w: int,
+        h: int,
+        nominal: float,
+    ) -> np.ndarray:
         normal_tex, tumour_tex = self.textures(nominal)
         out = np.array(_periodic_crop(normal_tex, x, y, w, h), order="C")
         tumour_block = self.tumour[r0:r1, c0:c1]
@@ -275,6 +382,31 @@ class _Renderer:
             glass = 1 - _gather(block, rows - r0, cols - c0)
             cv2.copyTo(self._glass(h, w), glass, out)
         return out
+
+    def _draw_ink(
+        self,
+        out: np.ndarray,
+        ink: np.ndarray,
+        rows: np.ndarray,
+        cols: np.ndarray,
+        x: int,
+        y: int,
+        w: int,
+        h: int,
+        nominal: float,
+    ) -> None:
+        """Filter ``out`` (BGR, in place) through the ink: colour × streaks over what lies below."""
+        labels = np.take(np.take(ink, rows, axis=0), cols, axis=1)
+        factor = self._ink_lut[labels]
+        if self.streaks is not None:
+            if nominal not in self._level_streaks:
+                side = max(1, round(self.streaks.shape[0] / nominal))
+                self._level_streaks[nominal] = cv2.resize(
+                    self.streaks, (side, side), interpolation=cv2.INTER_AREA
+                ).reshape(side, side)
+            streak = _periodic_crop(self._level_streaks[nominal], x, y, w, h)
+            factor *= np.where(labels > 0, streak, np.float32(1))[..., None]
+        out[:] = np.clip(out * factor, 0, 255).astype(np.uint8)
 
     def _glass(self, h: int, w: int) -> np.ndarray:
         if self._glass_tile is None or self._glass_tile.shape[:2] != (h, w):
@@ -336,6 +468,7 @@ def _save_masks(path: Path, slide: SyntheticSlide) -> None:
             mpp=np.float64(slide.mpp),
             texture_seed=np.int64(slide.texture_seed),
             slide_name=np.str_(path.name),
+            **({} if slide.ink_mask is None else {"ink_mask": slide.ink_mask}),
         )
 
 
@@ -365,6 +498,7 @@ def load_synthetic_masks(path: str | Path) -> SyntheticSlide:
             tumour_mask=data["tumour_mask"].astype(bool),
             mask_downsample=int(data["mask_downsample"]),
             texture_seed=int(data["texture_seed"]) if "texture_seed" in data else 0,
+            ink_mask=data["ink_mask"].astype(np.uint8) if "ink_mask" in data else None,
         )
 
 
@@ -387,16 +521,29 @@ def make_layout(
     tissue_fraction: float = 0.5,
     tumour_regions: int = 0,
     tumour_fraction: float | None = None,
+    tissue_box: tuple[float, float, float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """The low-resolution (tissue, tumour, mask_downsample) layout of a synthetic slide.
 
     ``tumour_fraction`` is the fraction of the *tissue* area that is tumour; with only
     ``tumour_regions`` given it defaults to 0.1, and with only a fraction one region is planted.
+    ``tissue_box`` = (x0, y0, x1, y1), fractions of the slide width/height: tissue outside it is
+    cut away (after ``tissue_fraction`` was applied to the whole slide), leaving glass for e.g.
+    pen strokes.
     """
     ds = _mask_downsample(width, height)
     shape = (math.ceil(height / ds), math.ceil(width / ds))
     rng = np.random.default_rng([seed, 1])
     tissue = _tissue_layout(rng, shape, float(tissue_fraction))
+    if tissue_box is not None:
+        bx0, by0, bx1, by1 = tissue_box
+        if not (0 <= bx0 < bx1 <= 1 and 0 <= by0 < by1 <= 1):
+            raise MilkitError("tissue_box must be fractions x0 < x1, y0 < y1 within 0–1",
+                              value=tissue_box)  # fmt: skip
+        keep = np.zeros(shape, dtype=bool)
+        keep[round(by0 * shape[0]) : round(by1 * shape[0]),
+             round(bx0 * shape[1]) : round(bx1 * shape[1])] = True  # fmt: skip
+        tissue &= keep
     if tumour_fraction is None:
         tumour_fraction = 0.1 if tumour_regions > 0 else 0.0
     if tumour_fraction < 0 or tumour_fraction > 1:
@@ -420,6 +567,8 @@ def make_synthetic_slide(
     jpeg_quality: int = 80,
     levels: int | None = None,
     texture_seed: int | None = None,
+    tissue_box: tuple[float, float, float, float] | None = None,
+    pen_strokes: Sequence[PenStroke] = (),
 ) -> SyntheticSlide:
     """Write a pyramidal JPEG-tiled Aperio-style TIFF (``.svs``) tile by tile; return its truth.
 
@@ -427,7 +576,8 @@ def make_synthetic_slide(
     whatever the slide size. ``levels`` is the number of pyramid levels (factor 4 apart);
     default: down to about 512 px. The file is written atomically; masks go to
     ``<stem>.masks.npz``. ``texture_seed`` (default: ``seed``) picks the tissue textures; slides
-    sharing it render faster (textures are cached).
+    sharing it render faster (textures are cached). ``tissue_box`` confines tissue (see
+    :func:`make_layout`); ``pen_strokes`` draws marker ink (ground truth: ``ink_mask``).
     """
     path = Path(path)
     _validate(width, height, mpp, tile_size, jpeg_quality)
@@ -438,9 +588,18 @@ def make_synthetic_slide(
         tissue_fraction=tissue_fraction,
         tumour_regions=tumour_regions,
         tumour_fraction=tumour_fraction,
+        tissue_box=tissue_box,
     )
     texture_seed = seed if texture_seed is None else texture_seed
-    renderer = _Renderer(tissue, tumour, ds, *_textures(texture_seed, float(mpp)))
+    ink = _ink_layout(tissue.shape, ds, float(mpp), pen_strokes)
+    renderer = _Renderer(
+        tissue,
+        tumour,
+        ds,
+        *_textures(texture_seed, float(mpp)),
+        ink=ink,
+        streaks=_ink_streaks(texture_seed, float(mpp)),
+    )
     blank = _encode_jpeg_bgr(
         np.full((tile_size, tile_size, 3), _BACKGROUND_BGR, dtype=np.uint8), jpeg_quality
     )
@@ -464,7 +623,7 @@ def make_synthetic_slide(
                 metadata=None,
                 subfiletype=0 if d == 1 else 1,
             )
-    slide = SyntheticSlide(path, width, height, float(mpp), tissue, tumour, ds, texture_seed)
+    slide = SyntheticSlide(path, width, height, float(mpp), tissue, tumour, ds, texture_seed, ink)
     _save_masks(path, slide)
     return slide
 
@@ -476,6 +635,8 @@ def render_region(slide: SyntheticSlide, x: int, y: int, w: int, h: int) -> np.n
         slide.tumour_mask,
         slide.mask_downsample,
         *_textures(slide.texture_seed, slide.mpp),
+        ink=slide.ink_mask,
+        streaks=_ink_streaks(slide.texture_seed, slide.mpp),
     )
     bgr = renderer.region(x, y, w, h, (1.0, 1.0), 1.0)
     if bgr is None:
@@ -530,6 +691,39 @@ def tissue_fraction_of_tiles(
     """Exact fraction (float32, N) of each level-0 tile covered by the tissue mask."""
     ds = float(masks.mask_downsample)
     return box_coverage(masks.tissue_mask, (ds, ds), coords, patch_size_level0)
+
+
+def ink_fraction_of_tiles(
+    masks: SyntheticSlide, coords: np.ndarray, patch_size_level0: float
+) -> np.ndarray:
+    """Exact fraction (float32, N) of each level-0 tile covered by marker ink (0 without ink)."""
+    if masks.ink_mask is None:
+        return np.zeros(len(np.asarray(coords).reshape(-1, 2)), dtype=np.float32)
+    ds = float(masks.mask_downsample)
+    return box_coverage(masks.ink_mask > 0, (ds, ds), coords, patch_size_level0)
+
+
+# The marker-ink test case of issue 10: a 2 × 2 mm slide (4000² px at 0.5 µm/px), tissue in the
+# left 55 %, and blue, green and black strokes 0.20–0.25 mm wide on the glass beside it.
+INK_CASE_STROKES = (
+    PenStroke("blue", ((2700.0, 600.0), (2850.0, 900.0), (2880.0, 1250.0)), 250.0),
+    PenStroke("green", ((3300.0, 2000.0), (3420.0, 2400.0)), 200.0),
+    PenStroke("black", ((2800.0, 3050.0), (3150.0, 3280.0)), 220.0),
+)
+
+
+def make_ink_case(path: str | Path, *, ink: bool = True, seed: int = 5) -> SyntheticSlide:
+    """The marker-ink test slide (``ink=False``: the same slide, pixel for pixel, without ink)."""
+    return make_synthetic_slide(
+        path,
+        4000,
+        4000,
+        mpp=0.5,
+        seed=seed,
+        tissue_fraction=0.55,
+        tissue_box=(0.0, 0.0, 0.55, 1.0),
+        pen_strokes=INK_CASE_STROKES if ink else (),
+    )
 
 
 def make_synthetic_cohort(
