@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from milkit.atomic import PARTIAL_SUFFIX, atomic_path
-from milkit.errors import MilkitError
+from milkit.errors import MilkitError, tidy_floats
 
 FORMAT_VERSION = 1
 BAG_SUFFIXES = (".h5", ".hdf5", ".pt")
@@ -39,6 +39,8 @@ def _to_attr(value: Any) -> Any:
         return json.dumps(list(value), default=str)
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, (float, np.floating)):
+        return tidy_floats(value)  # 0.24999999999999997 → 0.25: attrs are read by people too
     if isinstance(value, np.generic):
         return value.item()
     return value

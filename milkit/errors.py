@@ -9,6 +9,31 @@ from os import PathLike
 from typing import Any
 
 _UNSET = object()
+SIGNIFICANT_DIGITS = 12  # enough for any setting; drops float noise (0.1 * 3 → 0.3)
+
+
+def tidy_floats(value: Any, digits: int = SIGNIFICANT_DIGITS) -> Any:
+    """``value`` with every float rounded to ``digits`` significant digits, so that its repr is
+    what a person typed: 0.24999999999999997 (= 0.499 · 0.25 / 0.499) → 0.25.
+
+    Recurses into dicts, lists and tuples; numpy scalars become Python numbers.
+    """
+    if isinstance(value, bool) or value is None:
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        # numpy scalar; float32/float16 carry only ~7/~3 significant digits
+        digits = min(digits, {4: 7, 2: 3}.get(getattr(value, "itemsize", 8), digits))
+        value = value.item()
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: tidy_floats(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [tidy_floats(v, digits) for v in value]
+    if isinstance(value, tuple):
+        items = [tidy_floats(v, digits) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return value
 
 
 class MilkitError(Exception):
@@ -35,7 +60,7 @@ class MilkitError(Exception):
         self.hint = hint
         parts = [what]
         if value is not _UNSET:
-            parts[0] = f"{what}, got {value!r}"
+            parts[0] = f"{what}, got {tidy_floats(value)!r}"
         if path is not None:
             parts.append(f"(file: {path})")
         message = " ".join(parts)

@@ -250,7 +250,12 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def resolve_precision(cfg: EncoderCfg, device: torch.device, requested: str = "auto") -> str:
-    """Autocast precision to run with: the encoder's own on CUDA, bf16 on CPU where allowed."""
+    """Autocast precision to run with; ``auto`` never goes below the encoder's declared precision.
+
+    ``auto``: an encoder declared fp32 (``resnet50-trunc`` "as CLAM", ``fast``) always runs in
+    fp32; a half-precision encoder runs at its declared precision on CUDA and, on CPU, in bf16
+    where the CPU has native bf16, else fp32. Any other value is used as asked.
+    """
     if requested != "auto":
         if requested not in PRECISIONS:
             raise MilkitError("precision must be auto, fp32, fp16 or bf16", value=requested)
@@ -259,12 +264,11 @@ def resolve_precision(cfg: EncoderCfg, device: torch.device, requested: str = "a
                 "fp16 autocast is not supported on CPU", value=requested, hint="Use bf16 or fp32"
             )
         return requested
-    if device.type == "cuda":
-        return cfg.precision
-    # Deliberate departure from TRIDENT (fp32 for ResNet50): on CPUs with native bf16
-    # (AVX512-BF16 / AMX) bf16 autocast is several times faster, features equal to ~1e-2
-    # relative. Without it bf16 is emulated and ~5x *slower* (measured here), so fp32.
-    # Weight-free encoders always stay fp32.
+    if device.type == "cuda" or cfg.precision == "fp32":
+        return cfg.precision  # a declared-fp32 encoder is fp32 unless the user asks otherwise
+    # Half-precision encoders on CPUs with native bf16 (AVX512-BF16 / AMX): bf16 autocast is
+    # several times faster. Without it bf16 is emulated and ~5x *slower* (measured here), so
+    # fp32. Weight-free encoders always stay fp32.
     if cfg.cpu_amp and cfg.weights_required and cpu_has_native_bf16():
         return "bf16"
     return "fp32"
@@ -364,7 +368,7 @@ def create_encoder(
         name: registry name (see :func:`list_encoders`).
         weights: local checkpoint; default looks in the Hugging Face cache (offline).
         device: ``cpu``, ``cuda``, ``cuda:1``, ...
-        precision: ``auto`` (encoder default on CUDA; on CPU bf16 where native, else fp32),
+        precision: ``auto`` (see :func:`resolve_precision`: declared-fp32 encoders stay fp32),
             ``fp32``, ``fp16``, ``bf16``.
 
     Returns:

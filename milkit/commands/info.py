@@ -32,17 +32,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _plain(value: Any) -> Any:
-    """JSON-friendly copy (numpy arrays → lists, JSON strings left as they are)."""
+    """JSON-friendly copy (numpy arrays → lists, JSON strings left as they are).
+
+    Floats are rounded to 12 significant digits (:func:`milkit.errors.tidy_floats`), so a
+    target of 0.25 µm/px reads 0.25, not 0.24999999999999997.
+    """
     import numpy as np
+
+    from milkit.errors import tidy_floats
 
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
+        return tidy_floats(value.tolist())
+    if isinstance(value, (float, np.generic)):
+        return tidy_floats(value)
     return value
 
 
@@ -131,7 +137,8 @@ def format_bag(d: dict[str, Any]) -> str:
     n, dim = d["num_instances"], d["dim"]
     lines = [
         f"bag: {d['path']}",
-        f"instances x dim: {n} x {dim}" + ("  (empty: no tissue tiles)" if n == 0 else ""),
+        f"instances x dim: {n} x {dim}"
+        + (f"  (empty: {d['root_attrs'].get('reason') or 'no tissue tiles'})" if n == 0 else ""),
         f"dtype: {d['dtype']}",
         f"encoder: {d['encoder'] or 'unknown'}",
         f"source: {d['source']}",

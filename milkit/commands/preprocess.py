@@ -13,9 +13,39 @@ EXAMPLE = """example:
   torchrun --nproc-per-node 4 -m milkit preprocess slides/ --out bags/  # one slide set per GPU
 
 Writes bags/<slide_id>.h5, bags/qc/<slide_id>.png and bags/manifest.csv (one row per slide:
-status ok/skipped/failed, tile counts, timings, error). Rerunning resumes: complete bags are
-skipped. Exit status 1 if any slide failed (the others are still processed).
+status ok / empty (no tile: too small, bare glass, too little tissue; the reason is given) /
+failed, tile counts, timings, error, reason, recipe). Rerunning resumes: a complete bag made
+with the same settings (encoder + weights, precision, tile size, resolution, overlap,
+min-tissue, tissue preset and parameters, slide mpp, dtype) is skipped; one made with other
+settings is refused, naming them (use --overwrite or another --out). Exit status 1 if any slide
+failed (the others are still processed).
 """
+
+
+def _encoder_names() -> list[str]:
+    from milkit.feature_extraction.encoders import list_encoders
+
+    return list_encoders()
+
+
+def _tissue_presets() -> list[str]:
+    from milkit.feature_extraction.tissue import PRESETS
+
+    return list(PRESETS)
+
+
+# Options whose valid values live in a registry: listed in --help, computed only when help is
+# printed (importing torch / OpenCV for every `milkit` call would make the CLI slow).
+_LISTED_CHOICES = {"encoder": _encoder_names, "tissue_preset": _tissue_presets}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends "(one of: a, b, c)" to the help of the options in ``_LISTED_CHOICES``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = super()._get_help_string(action) or ""
+        names = _LISTED_CHOICES.get(action.dest)
+        return f"{text} (one of: {', '.join(names())})" if names else text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,12 +54,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="segment, tile and encode slides into bags",
         description="Turn whole-slide images into HDF5 bags of patch features (DESIGN §3).",
         epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("slides", nargs="+", help="slide files and/or folders (searched recursively)")
     p.add_argument("--out", required=True, type=Path, help="output folder for bags")
     enc = p.add_argument_group("encoder")
-    enc.add_argument("--encoder", default="fast", help="patch encoder (milkit info --encoders)")
+    enc.add_argument(
+        "--encoder",
+        default="fast",
+        metavar="NAME",
+        help="patch encoder (default: fast; details: milkit info --encoders)",
+    )
     enc.add_argument("--weights", type=Path, help="encoder weight file (default: HF cache)")
     enc.add_argument("--batch-size", type=int, default=64, help="tiles per batch (default 64)")
     enc.add_argument("--workers", type=int, default=2, help="tile-reader processes (default 2)")
@@ -38,7 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--precision",
         default="auto",
         choices=("auto", "fp32", "fp16", "bf16"),
-        help="autocast precision (auto: encoder default on CUDA; bf16 on CPUs with native bf16)",
+        help="autocast precision (auto: the encoder's declared one; fp32 encoders such as "
+        "resnet50-trunc stay fp32; half-precision ones run bf16 on CPUs with native bf16)",
     )
     enc.add_argument("--float16", action="store_true", help="store features as float16")
     tiles = p.add_argument_group("tiles")
@@ -50,16 +86,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tiles.add_argument(
         "--min-tissue", type=float, default=0.25, help="min tissue fraction per tile (0.25)"
     )
-    tiles.add_argument("--tissue-preset", default="default", help="tissue-segmentation preset")
-    pen = tiles.add_mutually_exclusive_group()
-    pen.add_argument(
-        "--pen-ink",
-        metavar="COLOURS",
-        help="marker inks removed from the tissue: comma-separated blue, green, black, red, or "
-        "none (default blue,green,black; red also matches blood, so it is opt-in)",
-    )
-    pen.add_argument(
-        "--no-pen-filter", action="store_true", help="keep marker ink (same as --pen-ink none)"
+    tiles.add_argument(
+        "--tissue-preset",
+        default="default",
+        metavar="NAME",
+        help="tissue-segmentation preset (default: default)",
     )
     mpp = tiles.add_mutually_exclusive_group()
     mpp.add_argument("--slide-mpp", type=float, help="level-0 µm/px of every slide (override)")
@@ -85,7 +116,6 @@ def config_from_args(args: argparse.Namespace):  # -> ExtractConfig
         overlap=args.overlap,
         min_tissue=args.min_tissue,
         tissue_preset=args.tissue_preset,
-        pen_ink=_pen_ink(args),
         batch_size=args.batch_size,
         num_workers=args.workers,
         device=args.device,
@@ -98,16 +128,6 @@ def config_from_args(args: argparse.Namespace):  # -> ExtractConfig
         qc=not args.no_qc,
         progress=not args.no_progress,
     )
-
-
-def _pen_ink(args: argparse.Namespace) -> tuple[str, ...] | None:
-    """--no-pen-filter / --pen-ink COLOURS → the ExtractConfig value (None: the preset's)."""
-    from milkit.feature_extraction.tissue import parse_pen_ink
-
-    if getattr(args, "no_pen_filter", False):
-        return ()
-    text = getattr(args, "pen_ink", None)
-    return None if text is None else parse_pen_ink(text)
 
 
 def run_command(args: argparse.Namespace) -> int:

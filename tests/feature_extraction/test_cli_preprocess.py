@@ -121,3 +121,15 @@ def test_info_bag_and_errors(slides_dir, tmp_path, capsys):
     assert "cannot open slide" in capsys.readouterr().err
     assert main(["info", "--encoders"]) == 0
     assert "resnet50-trunc" in capsys.readouterr().out
+
+
+def test_preprocess_help_lists_every_choice(capsys):
+    from milkit.feature_extraction.encoders import list_encoders
+    from milkit.feature_extraction.tissue import PRESETS
+
+    with pytest.raises(SystemExit):
+        main(["preprocess", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    assert f"(one of: {', '.join(PRESETS)})" in out and "biopsy" in out
+    assert f"(one of: {', '.join(list_encoders())})" in out
+    assert "{auto,fp32,fp16,bf16}" in out

@@ -262,3 +262,20 @@ def test_fast_encoder_finite_for_any_tile(h, w, seed, flat):
 @functools.lru_cache(maxsize=1)
 def _fast():
     return create_encoder("fast")
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_precision_keeps_declared_fp32_encoders_fp32(monkeypatch, native_bf16):
+    """resnet50-trunc is declared fp32 (CLAM, TRIDENT): auto never autocasts it to bf16."""
+    import torch
+    from milkit.feature_extraction.encoders import get_encoder_cfg, registry
+
+    monkeypatch.setattr(registry, "cpu_has_native_bf16", lambda: native_bf16)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    resnet, uni = get_encoder_cfg("resnet50-trunc"), get_encoder_cfg("uni")
+    assert registry.resolve_precision(resnet, cpu, "auto") == "fp32"
+    assert registry.resolve_precision(resnet, cuda, "auto") == "fp32"
+    assert registry.resolve_precision(get_encoder_cfg("fast"), cpu, "auto") == "fp32"
+    assert registry.resolve_precision(uni, cuda, "auto") == "fp16"
+    assert registry.resolve_precision(uni, cpu, "auto") == ("bf16" if native_bf16 else "fp32")
+    assert registry.resolve_precision(resnet, cpu, "bf16") == "bf16"  # asked for: honoured

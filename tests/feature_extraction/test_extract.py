@@ -398,10 +398,8 @@ def test_resnet50_trunc_run_with_local_checkpoint(tmp_path):
     bag = read_bag(tmp_path / "out" / "tiny.h5")
     assert bag.features.shape == (result.n_tiles, 1024) and np.isfinite(bag.features).all()
     assert bag.features_attrs["encoder_weights_sha256"] == file_sha256(weights)
-    from milkit.feature_extraction.encoders.registry import cpu_has_native_bf16
-
-    # CPU default: bf16 autocast where the CPU has native bf16, else fp32.
-    assert bag.features_attrs["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
+    # Declared fp32 ("as CLAM"): --precision auto keeps it fp32, native bf16 or not.
+    assert bag.features_attrs["precision"] == "fp32"
 
 
 def _strip_tiff(path: Path, width: int, height: int, bands: list[tuple[int, int, int, int]]):
