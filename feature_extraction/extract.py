@@ -98,6 +98,9 @@ class ExtractConfig:
         weights: local weight file (default: the Hugging Face cache, offline).
         patch_size, mpp, magnification, overlap, min_tissue: the tile spec (see ``TileSpec``).
         tissue_preset: tissue-segmentation preset name; ``tissue_params`` overrides it.
+        pen_ink: marker inks to remove (``("blue", "green", "black")``, ``()`` = pen filter off);
+            None keeps the preset's (on for every preset). Applied to the tissue parameters, so it
+            is recorded in every bag with them.
         batch_size: tiles per encoder batch.
         num_workers: DataLoader reader processes (0 = read in the main process).
         device: ``auto`` (CUDA if present, per-rank under torchrun), ``cpu``, ``cuda:1``, ...
@@ -120,6 +123,7 @@ class ExtractConfig:
     min_tissue: float = 0.25
     tissue_preset: str = "default"
     tissue_params: Any = None
+    pen_ink: tuple[str, ...] | None = None
     batch_size: int = 64
     num_workers: int = 2
     device: str = "auto"
@@ -144,11 +148,16 @@ class ExtractConfig:
         )
 
     def tissue(self) -> Any:
-        from milkit.feature_extraction.tissue import get_preset
+        import dataclasses
 
-        return (
+        from milkit.feature_extraction.tissue import get_preset, parse_pen_ink
+
+        params = (
             self.tissue_params if self.tissue_params is not None else get_preset(self.tissue_preset)
         )
+        if self.pen_ink is not None:
+            params = dataclasses.replace(params, pen_ink=parse_pen_ink(self.pen_ink))
+        return params
 
     def validate(self) -> None:
         """Check everything that does not need a slide, before any work starts."""
@@ -170,6 +179,10 @@ class ExtractConfig:
             if not (n >= 1 and 1 <= i <= n):
                 raise MilkitError("shard must be i/n with 1 ≤ i ≤ n", value=f"{i}/{n}")
         self.tile_spec()
+        if self.pen_ink is not None:  # canonical order: equal settings, equal recorded recipe
+            from milkit.feature_extraction.tissue import parse_pen_ink
+
+            self.pen_ink = parse_pen_ink(self.pen_ink)
         self.tissue()
 
 
@@ -739,6 +752,7 @@ def process_slide(
             "vendor": vendor,
             "tissue_params": params.to_json(),
             "tissue_threshold": float(tissue.threshold),
+            "pen_ink_mm2": float(tissue.ink_area_mm2),
             "tile_spec": json.dumps(asdict(config.tile_spec()), sort_keys=True),
             "n_bad_tiles": n_bad,
             "bad_tile_coords": json.dumps(grid.coords[~ok].tolist()),
@@ -765,7 +779,13 @@ def process_slide(
             from milkit.feature_extraction.qc import save_qc_thumbnail
 
             try:
-                save_qc_thumbnail(slide, tissue, grid, out_dir / "qc" / f"{slide_id}.png")
+                save_qc_thumbnail(
+                    slide,
+                    tissue,
+                    grid,
+                    out_dir / "qc" / f"{slide_id}.png",
+                    preset=config.tissue_preset if config.tissue_params is None else "custom",
+                )
             except MilkitError as err:  # the bag is fine; report the QC problem only
                 result.error = f"QC thumbnail not written: {err}"
     result.total_s = time.perf_counter() - t_start

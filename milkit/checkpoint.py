@@ -174,7 +174,9 @@ def load_checkpoint(
             raise MilkitError(
                 f"checkpoint metadata lacks {missing}",
                 path=path,
-                hint="Pass the model explicitly: load_checkpoint(path, model=...)",
+                hint="Pass the model explicitly: load_checkpoint(path, model=...); weights "
+                "trained with a paper's official code: convert them with `milkit import-weights "
+                "SRC --family F --out CKPT` (milkit.models.load_official)",
             )
         from milkit import models
 

@@ -4,11 +4,13 @@ Each tile's score fills the thumbnail rectangle of the tile (level-0 coords x th
 overlapping tiles are averaged, the colour-mapped scores are alpha-blended over the thumbnail,
 and a colour bar is drawn in a panel to the right. The heatmap occupies exactly the top-left
 ``thumbnail`` pixels of the PNG (so pixel positions match the thumbnail); an optional title goes
-in a band below it.
+in a band below it. The picture is composed on a matplotlib ``Figure`` with its own Agg canvas
+(never pyplot, never the caller's backend); text scales with the image (:func:`font_px`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -21,11 +23,41 @@ from milkit.atomic import atomic_path
 from milkit.errors import MilkitError
 
 NORMALIZE = ("minmax", "rank", "none")
-_PANEL_WIDTH = 90  # px right of the heatmap: colour bar + tick labels
-_BAR_WIDTH = 18
+_PANEL_WIDTH = 90  # px right of the heatmap at the smallest font: colour bar + tick labels
 _MIN_HEIGHT = 160  # canvas height floor so the colour bar stays readable on tiny thumbnails
-_TITLE_HEIGHT = 22
 _BLANK_GREY = 235  # background of the blank canvas used without a slide
+_DPI = 100.0  # figure dpi: 1 figure inch = 100 PNG pixels; font points = px * 72 / dpi
+MIN_FONT_PX = 12  # smallest text height in PNG pixels
+
+
+def font_px(width: int, height: int) -> int:
+    """Text height in pixels for a picture of ``width`` × ``height`` px: 1/60 of its longer side,
+    at least :data:`MIN_FONT_PX`, at most 64 (e.g. 12 px up to 720 px, 33 px at 2,000 px)."""
+    return int(min(64, max(MIN_FONT_PX, round(max(width, height) / 60))))
+
+
+def new_figure(width_px: int, height_px: int) -> Any:
+    """A matplotlib Figure of exactly ``width_px`` × ``height_px`` PNG pixels with an Agg canvas
+    of its own (pyplot's global state and the caller's backend are never touched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_px / _DPI, height_px / _DPI), dpi=_DPI, facecolor="white")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``fig`` as PNG atomically at its own size (no tight bounding box, no resampling)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=_DPI, facecolor="white")
+    return path
+
+
+def points(px: float) -> float:
+    """Font size in points that is ``px`` PNG pixels tall in a :func:`new_figure`."""
+    return px * 72.0 / _DPI
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
@@ -112,15 +144,6 @@ def _score_canvas(
     return np.where(cnt > 0, mean, np.nan)
 
 
-def _font() -> Any:
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=12)
-    except TypeError:  # Pillow < 10.1 has no size argument
-        return ImageFont.load_default()
-
-
 def draw_heatmap(
     thumbnail_rgb: np.ndarray,
     coords: np.ndarray,
@@ -157,8 +180,46 @@ def draw_heatmap(
 
     Returns the PNG path. The heatmap is the top-left (H, W) block of the image.
     """
+    fig = heatmap_figure(
+        thumbnail_rgb,
+        coords,
+        scores,
+        patch_size_level0,
+        level0_dims,
+        cmap=cmap,
+        alpha=alpha,
+        title=title,
+        normalize=normalize,
+        vmin=vmin,
+        vmax=vmax,
+        label=label,
+    )
+    return save_figure(fig, out_png)
+
+
+def heatmap_figure(
+    thumbnail_rgb: np.ndarray,
+    coords: np.ndarray,
+    scores: Sequence[float] | np.ndarray,
+    patch_size_level0: float,
+    level0_dims: tuple[int, int],
+    *,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    title: str | None = None,
+    normalize: str = "minmax",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    label: str = "score",
+) -> Any:
+    """The matplotlib Figure :func:`draw_heatmap` saves (same arguments, no output path).
+
+    Its size in pixels is the PNG's; the heatmap is drawn unresampled at the top left, the colour
+    bar (ticks and ``label``) on the right and ``title`` below, in text :func:`font_px` tall.
+    """
     import matplotlib
-    from PIL import Image, ImageDraw
+    from matplotlib.colorbar import Colorbar
+    from matplotlib.colors import Normalize
 
     thumb = _as_rgb(thumbnail_rgb)
     h, w = thumb.shape[:2]
@@ -193,32 +254,49 @@ def draw_heatmap(
     np.clip(mixed, 0, 255, out=mixed)
     heat = np.where(painted[..., None], mixed.astype(np.uint8), thumb)
 
-    body_h = max(h, _MIN_HEIGHT)
-    total_h = body_h + (_TITLE_HEIGHT if title else 0)
-    out = Image.new("RGB", (w + _PANEL_WIDTH, total_h), (255, 255, 255))
-    out.paste(Image.fromarray(heat), (0, 0))
-    draw = ImageDraw.Draw(out)
-    font = _font()
-    bar_top, bar_bottom = 20, body_h - 20
-    bar_x = w + 12
-    ramp = np.linspace(1.0, 0.0, max(2, bar_bottom - bar_top))
-    bar = (colormap(ramp)[:, :3] * 255).astype(np.uint8)
-    bar_img = np.repeat(bar[:, None, :], _BAR_WIDTH, axis=1)
-    out.paste(Image.fromarray(bar_img), (bar_x, bar_top))
-    draw.rectangle(
-        [bar_x - 1, bar_top - 1, bar_x + _BAR_WIDTH, bar_top + len(ramp)], outline=(0, 0, 0)
+    fs = font_px(w, h)
+    # panel: gap, bar, tick, pad, then the widest tick label or the caption (DejaVu Sans digits
+    # are ~0.64 em wide); never narrower than the smallest-font panel
+    text_chars = max(max(len(t) for t in tick_labels) + 4, len(label[:14]))
+    panel = max(_PANEL_WIDTH, math.ceil(fs * (0.8 + 0.66 * text_chars)) + 6)
+    body_h = max(h, _MIN_HEIGHT, 10 * fs)
+    title_h = round(2.0 * fs) if title else 0
+    total_w, total_h = w + panel, body_h + title_h
+    fig = new_figure(total_w, total_h)
+    # origin="upper": row 0 of the array is the top row, placed yo px above the bottom edge
+    fig.figimage(heat, xo=0, yo=total_h - h, origin="upper", resize=False)
+    bar_x, bar_w = w + round(0.8 * fs), round(1.4 * fs)
+    bar_top, bar_bottom = round(2.2 * fs), body_h - round(1.0 * fs)
+    cax = fig.add_axes(
+        (
+            bar_x / total_w,
+            1 - bar_bottom / total_h,
+            bar_w / total_w,
+            (bar_bottom - bar_top) / total_h,
+        )
     )
-    for frac, text in zip((1.0, 0.5, 0.0), reversed(tick_labels), strict=True):
-        y = bar_top + round((1.0 - frac) * (len(ramp) - 1))
-        draw.line([bar_x + _BAR_WIDTH, y, bar_x + _BAR_WIDTH + 4, y], fill=(0, 0, 0))
-        draw.text((bar_x + _BAR_WIDTH + 6, y - 6), text, fill=(0, 0, 0), font=font)
-    draw.text((bar_x - 4, 3), label[:14], fill=(0, 0, 0), font=font)
+    bar = Colorbar(cax, cmap=colormap, norm=Normalize(0.0, 1.0), ticks=[0.0, 0.5, 1.0])
+    bar.set_ticklabels(list(tick_labels))
+    cax.tick_params(labelsize=points(fs), length=fs / 3, width=max(1.0, fs / 12))
+    bar.outline.set_linewidth(max(1.0, fs / 12))
+    fig.text(
+        bar_x / total_w,
+        1 - round(0.4 * fs) / total_h,
+        label[:14],
+        fontsize=points(fs),
+        ha="left",
+        va="top",
+    )
     if title:
-        draw.text((4, body_h + 4), title, fill=(0, 0, 0), font=font)
-    path = Path(out_png)
-    with atomic_path(path) as tmp:
-        out.save(tmp, format="PNG")
-    return path
+        fig.text(
+            round(0.4 * fs) / total_w,
+            (title_h / 2) / total_h,
+            title,
+            fontsize=points(fs),
+            ha="left",
+            va="center",
+        )
+    return fig
 
 
 def _read_coords(bag_path: Path) -> tuple[np.ndarray, dict[str, Any]]:
@@ -266,6 +344,108 @@ def _positive(value: Any) -> bool:
     return arr.size > 0 and bool(np.isfinite(arr[0])) and arr[0] > 0
 
 
+def _recorded(value: Any) -> str | None:
+    """An attribute as text, None when absent or spelled as missing ("None", "", NaN)."""
+    if value is None:
+        return None
+    text = str(value.decode() if isinstance(value, bytes) else value).strip()
+    return None if text.lower() in ("", "none", "null", "nan") else text
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file, cached by (path, size, mtime) so a check repeated in one run is free."""
+    from milkit.feature_extraction.encoders.registry import file_sha256
+
+    return file_sha256(path)
+
+
+def check_slide_matches_bag(
+    bag_path: str | os.PathLike[str],
+    slide_path: str | os.PathLike[str],
+    level0_dims: tuple[int, int],
+    *,
+    allow_mismatch: bool = False,
+    patch_size_level0: float | None = None,
+    hash_limit: int | None = None,
+) -> list[str]:
+    """Refuse to draw a bag's tiles on a slide it was not made from.
+
+    What is compared, cheapest first:
+
+    - level-0 size (always, never overridable: coords are level-0 pixels of the bag's slide) with
+      the bag's ``level0_width``/``level0_height`` (milkit, TRIDENT); CLAM bags record none, so
+      their tiles must at least lie inside the slide;
+    - slide id: the bag's ``slide_id`` (TRIDENT: ``name``) with the slide file's id (its stem,
+      or the DICOM folder's name);
+    - content: the file size, then the SHA-256 the bag recorded, hashed only when the file is
+      at most ``hash_limit`` bytes (default: the 512 MiB up to which ``preprocess`` records a
+      hash, ~1 s per 500 MB); bigger slides were recorded by size alone.
+
+    Returns notes for the caller to print (the mismatches let through by ``allow_mismatch``, for
+    renamed or re-saved copies of the slide). Raises MilkitError naming both sides otherwise.
+    """
+    from milkit.bags import read_bag_header
+    from milkit.feature_extraction.extract import HASH_LIMIT_BYTES, slide_id_of
+
+    bag_path, slide_path = Path(bag_path), Path(slide_path)
+    header = read_bag_header(bag_path)
+    root, cattrs = header.root_attrs, header.coords_attrs
+    w0, h0 = (int(v) for v in level0_dims)
+    rw, rh = _recorded(cattrs.get("level0_width")), _recorded(cattrs.get("level0_height"))
+    bag_id = _recorded(root.get("slide_id")) or _recorded(cattrs.get("name"))
+    bag_side = f"bag {bag_path.name} (slide {bag_id or '?'}"
+    if rw is not None and rh is not None:
+        bag_side += f", {int(float(rw))} × {int(float(rh))} px"
+        if (int(float(rw)), int(float(rh))) != (w0, h0):
+            raise MilkitError(
+                f"{bag_side}) was made from another slide than {slide_path.name} "
+                f"({w0} × {h0} px): level-0 sizes differ",
+                path=slide_path,
+                hint="Tile coordinates are level-0 pixels of the bag's own slide; pass that "
+                "slide (no override exists for a different size)",
+            )
+    elif header.has_coords and header.num_instances:
+        coords, attrs = _read_coords(bag_path)
+        ps = patch_size_level0 or _patch_size_level0(attrs, coords, bag_path)
+        ext_x, ext_y = int(coords[:, 0].max() + ps), int(coords[:, 1].max() + ps)
+        if ext_x > w0 or ext_y > h0:
+            raise MilkitError(
+                f"{bag_side}) has tiles up to ({ext_x}, {ext_y}) px, outside {slide_path.name} "
+                f"({w0} × {h0} px)",
+                path=slide_path,
+                hint="Pass the slide the bag was made from",
+            )
+    problems: list[str] = []
+    slide_id = slide_id_of(slide_path)
+    if bag_id is not None and bag_id != slide_id:
+        problems.append(f"slide id {bag_id!r} ≠ {slide_id!r}")
+    sha = _recorded(root.get("slide_sha256"))
+    size = _recorded(root.get("slide_size"))
+    if slide_path.is_file() and (sha is not None or size is not None):
+        st = slide_path.stat()
+        actual = st.st_size
+        limit = HASH_LIMIT_BYTES if hash_limit is None else hash_limit
+        if size is not None and int(float(size)) != actual:
+            problems.append(f"file size {int(float(size))} ≠ {actual} bytes")
+        elif sha is not None and actual <= limit:
+            digest = _sha256_of(str(slide_path.resolve()), actual, st.st_mtime_ns)
+            if digest != sha:
+                problems.append(f"sha256 {sha[:12]}… ≠ {digest[:12]}…")
+    if not problems:
+        return []
+    text = "; ".join(problems)
+    if allow_mismatch:
+        return [f"{bag_path.name} was made from another file than {slide_path.name} ({text}); "
+                "drawn anyway (--allow-slide-mismatch)"]  # fmt: skip
+    raise MilkitError(
+        f"{bag_side}) does not match slide {slide_path.name} ({text})",
+        path=slide_path,
+        hint="Pass the slide the bag was made from; for a renamed or re-saved copy of it use "
+        "--allow-slide-mismatch",
+    )
+
+
 def heatmap_for_slide(
     slide_path: str | os.PathLike[str] | None,
     bag_path: str | os.PathLike[str],
@@ -274,13 +454,17 @@ def heatmap_for_slide(
     *,
     thumbnail_size: int = 2048,
     patch_size_level0: float | None = None,
+    allow_slide_mismatch: bool = False,
+    notes: list[str] | None = None,
     **kwargs: Any,
 ) -> Path:
     """Draw a bag's tile scores on its slide's thumbnail (see ``draw_heatmap`` for ``kwargs``).
 
-    The slide is opened with ``feature_extraction.slides.Slide``; without a slide
-    (``slide_path=None``) the scores are drawn on a blank canvas with the slide's aspect ratio,
-    taken from the bag's ``level0_width``/``level0_height`` attributes (or the tile extent).
+    The slide is opened with ``feature_extraction.slides.Slide`` and checked against the bag
+    first (:func:`check_slide_matches_bag`; ``allow_slide_mismatch`` lets a renamed/re-saved
+    copy through, appending what differed to ``notes``). Without a slide (``slide_path=None``)
+    the scores are drawn on a blank canvas with the slide's aspect ratio, taken from the bag's
+    ``level0_width``/``level0_height`` attributes (or the tile extent).
     """
     bag_path = Path(bag_path)
     coords, attrs = _read_coords(bag_path)
@@ -293,8 +477,17 @@ def heatmap_for_slide(
         from milkit.feature_extraction.slides import Slide
 
         with Slide(slide_path) as slide:
-            thumb = slide.thumbnail(thumbnail_size)
             dims = tuple(int(v) for v in slide.dimensions)
+            found = check_slide_matches_bag(
+                bag_path,
+                slide_path,
+                dims,  # type: ignore[arg-type]
+                allow_mismatch=allow_slide_mismatch,
+                patch_size_level0=ps,
+            )
+            if notes is not None:
+                notes.extend(found)
+            thumb = slide.thumbnail(thumbnail_size)
     else:
         if _positive(attrs.get("level0_width")) and _positive(attrs.get("level0_height")):
             dims = (int(attrs["level0_width"]), int(attrs["level0_height"]))
@@ -309,4 +502,13 @@ def heatmap_for_slide(
     return draw_heatmap(thumb, coords, scores, ps, dims, out_png, **kwargs)  # type: ignore[arg-type]
 
 
-__all__ = ["NORMALIZE", "draw_heatmap", "heatmap_for_slide"]
+__all__ = [
+    "NORMALIZE",
+    "check_slide_matches_bag",
+    "draw_heatmap",
+    "font_px",
+    "heatmap_figure",
+    "heatmap_for_slide",
+    "new_figure",
+    "save_figure",
+]

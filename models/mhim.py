@@ -170,10 +170,22 @@ class _MHIM(MILModel):
     # ------------------------------------------------------------------ teacher and student
     def load_teacher(self, path: str | os.PathLike[str], *, init_stu_type: str = "fc") -> None:
         """Initialise the teacher from a checkpoint of the base model (see class docstring)."""
+        from milkit.models.registry import normalise_name
+
         from milkit.checkpoint import read_checkpoint
         from milkit.errors import MilkitError
 
-        state, _meta = read_checkpoint(path)
+        state, meta = read_checkpoint(path)
+        trained = normalise_name(str(meta.get("model_name") or ""))
+        if trained and trained not in (self.base_name, self.model_name):
+            # Same parameter names do not make the same function (e.g. TransMIL's szc layout vs
+            # MHIM's SAttention base): refuse rather than load a teacher of another model.
+            raise MilkitError(
+                f"teacher_init checkpoint was trained as {trained!r}, but the base of "
+                f"{self.model_name} is {self.base_name!r}",
+                path=path,
+                hint=f"Train `milkit train --model {self.base_name} ...` on the same fold/seed",
+            )
         if any(k.startswith("student.") for k in state):
             state = {k[8:]: v for k, v in state.items() if k.startswith("student.")}
         state = self._from_official(state, path)

@@ -33,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cmap", default="jet", help="matplotlib colour map (default jet)")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    p.add_argument("--allow-slide-mismatch", action="store_true",
+                   help="draw on a slide whose id or file content differs from the bag's "
+                   "record (a renamed or re-saved copy); the level-0 size must still match")  # fmt: skip
     p.add_argument("--allow-encoder-mismatch", action="store_true",
                    help="draw a bag from another encoder/tile spec than the run's")  # fmt: skip
     p.set_defaults(func=run_command)
@@ -58,6 +61,16 @@ def attention_scores(run_dir: Path, bag_path: Path, *, fold: str = "all", device
     info = load_run(run_dir)
     if not Path(bag_path).is_file():
         raise MilkitError("bag file not found", path=bag_path)
+    from milkit.bags import read_bag_header as _header
+    from milkit.commands.predict import check_bags_for_run
+
+    # the same dimension/empty check as `milkit predict`: one clean line, never a traceback
+    if check_bags_for_run(info, {Path(bag_path).stem: _header(bag_path)}, where=bag_path):
+        raise MilkitError(
+            "bag is empty (no tiles), so there is no attention to draw",
+            path=bag_path,
+            hint="The slide had no tissue tiles; see the preprocess manifest for the reason",
+        )
     from milkit.bags import read_bag_header, slide_id_from_path
     from milkit.provenance import bag_spec, check_against_run, spec_from_run
 
@@ -90,12 +103,24 @@ def run_command(args: argparse.Namespace) -> int:
 
     if args.slide is not None and not args.slide.exists():
         raise MilkitError("slide file not found", path=args.slide)
+    if args.slide is not None:  # before any model runs: is this the bag's slide?
+        from milkit.feature_extraction.slides import Slide
+        from milkit.heatmap import check_slide_matches_bag
+
+        with Slide(args.slide) as slide:
+            dims = tuple(int(v) for v in slide.dimensions)
+        check_slide_matches_bag(args.bag, args.slide, dims,
+                                allow_mismatch=args.allow_slide_mismatch)  # fmt: skip
     scores, probs, names = attention_scores(args.run, args.bag, fold=args.fold,
                                             device=args.device,
                                             allow_encoder_mismatch=args.allow_encoder_mismatch)  # fmt: skip
     k = int(probs.argmax())
     title = f"{args.bag.stem}: {names[k]} (p={probs[k]:.2f}), attention fold {args.fold}"
+    notes: list[str] = []
     heatmap_for_slide(args.slide, args.bag, scores, args.out, title=title, cmap=args.cmap,
+                      allow_slide_mismatch=args.allow_slide_mismatch, notes=notes,
                       alpha=args.alpha, normalize=args.normalize, label="attention")  # fmt: skip
+    for note in notes:
+        print(f"milkit heatmap: note: {note}", file=sys.stderr)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

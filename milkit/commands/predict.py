@@ -65,6 +65,30 @@ def predict_run(run_dir: Path, dataset, *, fold: str = "all", batch_size: int = 
     return first
 
 
+def check_bags_for_run(info, headers, *, where) -> list[str]:
+    """Check bag headers against a run before any model sees them (predict and heatmap alike).
+
+    Args:
+        info: the run (``milkit.cv.load_run``), for its ``in_dim``.
+        headers: ``{slide_id: BagHeader}``.
+        where: the bags folder or bag file named in the error.
+
+    Raises MilkitError (one line, up to 5 slides) when a feature dimension differs from the
+    run's ``in_dim``. Returns the ids of empty (0-tile) bags, which the caller skips or refuses.
+    """
+    from milkit.errors import MilkitError
+
+    wrong = [f"{sid} ({h.dim})" for sid, h in headers.items() if h.dim != info["in_dim"]]
+    if wrong:
+        raise MilkitError(
+            f"feature dimension differs from the run's in_dim {info['in_dim']}",
+            value=wrong[:5],
+            path=where,
+            hint="Extract the bags with the encoder used for training",
+        )
+    return [sid for sid, h in headers.items() if h.num_instances == 0]
+
+
 def run_command(args: argparse.Namespace) -> int:
     import sys
 
@@ -92,24 +116,11 @@ def run_command(args: argparse.Namespace) -> int:
             raise MilkitError("no bags found", path=args.bags, hint="Expected <slide_id>.h5 files")
         dataset = BagDataset(list(bags.values()), slide_ids=list(bags),
                              eval_max_instances=args.max_instances)  # fmt: skip
-    wrong, empty, capped = [], [], []
-    specs = {}
-    for sid, path in zip(dataset.slide_ids, dataset.paths):
-        header = read_bag_header(path)
-        specs[sid] = bag_spec(header)
-        if header.dim != info["in_dim"]:
-            wrong.append(f"{sid} ({header.dim})")
-        elif header.num_instances == 0:
-            empty.append(sid)
-        elif args.max_instances is not None and header.num_instances > args.max_instances:
-            capped.append(f"{sid} (N={header.num_instances:,})")
-    if wrong:
-        raise MilkitError(
-            f"feature dimension differs from the run's in_dim {info['in_dim']}",
-            value=wrong[:5],
-            path=args.bags,
-            hint="Extract the bags with the encoder used for training",
-        )
+    headers = {sid: read_bag_header(p) for sid, p in zip(dataset.slide_ids, dataset.paths)}
+    empty = check_bags_for_run(info, headers, where=args.bags)  # shared with milkit heatmap
+    specs = {sid: bag_spec(header) for sid, header in headers.items()}
+    capped = [f"{sid} (N={h.num_instances:,})" for sid, h in headers.items()
+              if args.max_instances is not None and h.num_instances > args.max_instances]  # fmt: skip
     # the encoder check: same-width features from another encoder are silently wrong
     for note in check_against_run(spec_from_run(info), specs, run_dir=args.run,
                                   allow_mismatch=args.allow_encoder_mismatch):  # fmt: skip

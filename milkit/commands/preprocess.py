@@ -92,6 +92,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="tissue-segmentation preset (default: default)",
     )
+    pen = tiles.add_mutually_exclusive_group()
+    pen.add_argument(
+        "--pen-ink",
+        metavar="COLOURS",
+        help="marker inks removed from the tissue: comma-separated blue, green, black, red, or "
+        "none (default blue,green,black; red also matches blood, so it is opt-in)",
+    )
+    pen.add_argument(
+        "--no-pen-filter", action="store_true", help="keep marker ink (same as --pen-ink none)"
+    )
     mpp = tiles.add_mutually_exclusive_group()
     mpp.add_argument("--slide-mpp", type=float, help="level-0 µm/px of every slide (override)")
     mpp.add_argument("--mpp-csv", type=Path, help="CSV with slide_id,mpp per slide")
@@ -116,6 +126,7 @@ def config_from_args(args: argparse.Namespace):  # -> ExtractConfig
         overlap=args.overlap,
         min_tissue=args.min_tissue,
         tissue_preset=args.tissue_preset,
+        pen_ink=_pen_ink(args),
         batch_size=args.batch_size,
         num_workers=args.workers,
         device=args.device,
@@ -128,6 +139,16 @@ def config_from_args(args: argparse.Namespace):  # -> ExtractConfig
         qc=not args.no_qc,
         progress=not args.no_progress,
     )
+
+
+def _pen_ink(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """--no-pen-filter / --pen-ink COLOURS → the ExtractConfig value (None: the preset's)."""
+    from milkit.feature_extraction.tissue import parse_pen_ink
+
+    if getattr(args, "no_pen_filter", False):
+        return ()
+    text = getattr(args, "pen_ink", None)
+    return None if text is None else parse_pen_ink(text)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -93,7 +93,8 @@ def _bag(path: Path, coords: np.ndarray, attrs: dict) -> Path:
 def test_heatmap_for_real_slide(tmp_path: Path, slides_dir: Path) -> None:
     slide = slides_dir / "CMU-1-Small-Region.svs"  # 2220 x 2967 level 0
     coords = np.array([[0, 0], [1024, 2048]])
-    bag = _bag(tmp_path / "cmu.h5", coords, {"patch_size_level0": 512})
+    # named like its slide (a bag named otherwise is refused: tests/milkit/test_heatmap_checks.py)
+    bag = _bag(tmp_path / "CMU-1-Small-Region.h5", coords, {"patch_size_level0": 512})
     out = heatmap_for_slide(
         slide, bag, [0.0, 1.0], tmp_path / "cmu.png", thumbnail_size=300, alpha=0.7
     )

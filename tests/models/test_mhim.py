@@ -194,6 +194,20 @@ def test_teacher_init_from_checkpoint(tmp_path):
         models.create("mhim-abmil", 16, 2, teacher_init=str(wrong))
 
 
+def test_teacher_init_refuses_a_checkpoint_of_another_model(tmp_path):
+    """A plain `transmil` (szc layout) checkpoint has the same keys as MHIM's SAttention base but
+    computes another function: refused by its recorded model name, not loaded silently."""
+    from milkit.checkpoint import save_checkpoint
+
+    meta = {"model_name": "transmil", "in_dim": 16, "class_names": ["a", "b"]}
+    path = save_checkpoint(tmp_path / "best.pt", models.create("transmil", 16, 2), meta)
+    with pytest.raises(MilkitError, match=r"trained as 'transmil'.*transmil-sattention"):
+        models.create("mhim-transmil", 16, 2, teacher_init=str(path))
+    meta["model_name"] = "transmil-sattention"
+    ok = save_checkpoint(tmp_path / "ok.pt", models.create("transmil-sattention", 16, 2), meta)
+    models.create("mhim-transmil", 16, 2, teacher_init=str(ok))
+
+
 def test_bad_options_are_rejected():
     with pytest.raises(ValueError, match="version"):
         models.create("mhim-abmil", 16, 2, version="v3")

@@ -233,3 +233,12 @@ def test_cli_import_weights_checkpoint_is_a_teacher_init(tmp_path):
     assert main(["import-weights", str(src), "--family", "mhim", "--out", str(out)]) == 0
     model = models.create("mhim-abmil", 1024, 2, teacher_init=str(out), gated=True)
     assert torch.equal(model.teacher.head.weight, mhim_gated_state()["predictor.weight"])
+
+
+def test_load_checkpoint_of_an_official_file_points_to_import_weights(tmp_path):
+    from milkit.checkpoint import load_checkpoint
+
+    path = tmp_path / "s_0_checkpoint.pt"
+    torch.save(clam_sb_state(prefix="module."), path)
+    with pytest.raises(MilkitError, match="milkit import-weights"):
+        load_checkpoint(path)
