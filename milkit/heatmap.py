@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -487,6 +488,9 @@ def heatmap_for_slide(
             )
             if notes is not None:
                 notes.extend(found)
+            else:  # allowed, but never silent
+                for note in found:
+                    warnings.warn(note, stacklevel=2)
             thumb = slide.thumbnail(thumbnail_size)
     else:
         if _positive(attrs.get("level0_width")) and _positive(attrs.get("level0_height")):

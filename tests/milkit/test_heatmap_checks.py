@@ -72,6 +72,9 @@ def test_renamed_copy_needs_the_override(cmu: Path, tmp_path: Path) -> None:
     out = heatmap_for_slide(renamed, bag, [0.1, 0.9], tmp_path / "h.png", thumbnail_size=200,
                             allow_slide_mismatch=True, notes=drawn)  # fmt: skip
     assert out.exists() and drawn == notes
+    with pytest.warns(UserWarning, match="drawn anyway"):  # no notes list: a warning, not silence
+        heatmap_for_slide(renamed, bag, [0.1, 0.9], tmp_path / "w.png", thumbnail_size=200,
+                          allow_slide_mismatch=True)  # fmt: skip
 
 
 def test_same_name_other_content_is_refused(cmu: Path, tmp_path: Path) -> None:
