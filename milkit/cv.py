@@ -44,6 +44,7 @@ class CVResult:
     folds: list[dict[str, Any]]
     summary: dict[str, dict[str, float]]
     splits: list[Any]
+    pooled: dict[str, Any] | None = None  # metrics of all test predictions pooled (out-of-fold)
 
 
 def build_model(model_name: str, in_dim: int, num_classes: int, model_kwargs: Mapping | None):
@@ -80,7 +81,7 @@ def write_fold_outputs(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Write predictions.csv, metrics.json and roc.png of one fold; return the metrics."""
-    from milkit.metrics import bootstrap_ci, classification_metrics, plot_roc
+    from milkit.metrics import auc_ci, classification_metrics, plot_roc
 
     frame = preds.to_frame(class_names)
     with atomic_path(fold_dir / "predictions.csv") as tmp:
@@ -89,9 +90,8 @@ def write_fold_outputs(
         warnings.simplefilter("ignore")  # a class absent from a small test fold: AUC = NaN
         metrics = classification_metrics(preds.labels, preds.probs, class_names)
     metrics = {**dict(extra or {}), **metrics}
-    if bootstrap > 0:
-        low, high = bootstrap_ci(preds.labels, preds.probs, "auc", n_boot=bootstrap, seed=seed)
-        metrics["auc_ci_low"], metrics["auc_ci_high"] = low, high
+    if bootstrap > 0:  # no CI (a note and a warning) for folds too small to give one
+        metrics.update(auc_ci(preds.labels, preds.probs, n_boot=bootstrap, seed=seed))
     atomic_write_text(fold_dir / "metrics.json", _json(metrics))
     if len(np.unique(preds.labels)) > 1:
         plot_roc(preds.labels, preds.probs, class_names, fold_dir / "roc.png",
@@ -99,24 +99,63 @@ def write_fold_outputs(
     return metrics
 
 
-def write_summary(out_dir: Path, fold_metrics: list[dict[str, Any]], header: Mapping) -> dict:
-    """summary.json (per fold + mean/std) and summary.csv (one row per fold + mean + std)."""
+def write_summary(
+    out_dir: Path,
+    fold_metrics: list[dict[str, Any]],
+    header: Mapping,
+    pooled: Mapping[str, Any] | None = None,
+) -> dict:
+    """summary.json (per fold, mean/std, pooled) and summary.csv (one row per fold + mean + std
+    + pooled). In a multiclass run the CSV's AUC column is ``auc_macro_ovr``."""
     import pandas as pd
 
     from milkit.metrics import summarise_folds
 
     summary = summarise_folds([{k: v for k, v in m.items() if k != "fold"} for m in fold_metrics])
-    atomic_write_text(
-        out_dir / "summary.json",
-        _json({**dict(header), "folds": fold_metrics, "summary": summary}),
-    )
+    body = {**dict(header), "folds": fold_metrics, "summary": summary}
+    if pooled is not None:
+        body["pooled"] = dict(pooled)
+    atomic_write_text(out_dir / "summary.json", _json(body))
     keys = list(summary)
     rows = [{"fold": m.get("fold"), **{k: m.get(k) for k in keys}} for m in fold_metrics]
     rows.append({"fold": "mean", **{k: summary[k]["mean"] for k in keys}})
     rows.append({"fold": "std", **{k: summary[k]["std"] for k in keys}})
+    if pooled is not None:
+        rows.append({"fold": "pooled", **{k: pooled.get(k) for k in keys}})
+    frame = pd.DataFrame(rows)
+    names = (pooled or {}).get("class_names") or header.get("class_names") or []
+    if len(names) > 2:
+        frame = frame.rename(columns={"auc": "auc_macro_ovr"})
     with atomic_path(out_dir / "summary.csv") as tmp:
-        pd.DataFrame(rows).to_csv(tmp, index=False)
+        frame.to_csv(tmp, index=False)
     return summary
+
+
+def read_fold_predictions(
+    run_dir: str | Path, class_names: Sequence[str]
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """``(fold, y, probs)`` of every ``fold_<k>/predictions.csv`` of a run (labels as indices)."""
+    import pandas as pd
+
+    names = [str(c) for c in class_names]
+    index = {n: i for i, n in enumerate(names)}
+    out = []
+    for d in fold_dirs(run_dir):
+        path = d / "predictions.csv"
+        if not path.is_file():
+            continue
+        frame = pd.read_csv(path, dtype={"slide_id": str, "label": str}, keep_default_na=False)
+        cols = [f"prob_{n}" for n in names]
+        missing = [c for c in ["label", *cols] if c not in frame.columns]
+        if missing:
+            raise MilkitError(f"predictions file lacks columns {missing}", path=path)
+        unknown = sorted(set(frame["label"]) - set(index))
+        if unknown:
+            raise MilkitError("predictions hold labels outside the run's classes",
+                              value=unknown[:5], path=path)  # fmt: skip
+        y = frame["label"].map(index).to_numpy(dtype=np.int64)
+        out.append((int(d.name[5:]), y, frame[cols].to_numpy(dtype=np.float64)))
+    return out
 
 
 def _cohort_info(table: Any) -> dict[str, Any]:
@@ -131,6 +170,45 @@ def _cohort_info(table: Any) -> dict[str, Any]:
     out["label_notes"] = list(getattr(table, "notes", []) or [])
     out["skipped_slides"] = [list(s) for s in getattr(table, "skipped", []) or []]
     return out
+
+
+def _record_fold(
+    out_dir: Path, info: dict[str, Any], metrics: Mapping[str, Any], main: bool
+) -> None:
+    """Add a fold's epoch selection and warnings to run.json (rewritten atomically)."""
+    fold = metrics.get("fold")
+    info.setdefault("selection", {})[str(fold)] = {
+        "epoch": metrics.get("best_epoch"),
+        "monitor": metrics.get("monitor"),
+        "reason": metrics.get("selection"),
+    }
+    notes = info.setdefault("warnings", [])
+    notes[:] = [n for n in notes if not n.startswith(f"fold {fold}: ")]
+    notes.extend(f"fold {fold}: {w}" for w in metrics.get("warnings", []) or [])
+    if main:
+        atomic_write_text(out_dir / RUN_FILE, _json(info))
+
+
+# Cohorts whose bag files add up to less than this are cached in memory while training (each
+# fold reads every bag once instead of once per epoch); larger ones only with --cache.
+AUTO_CACHE_BYTES = 1024**3
+
+
+def _fits_in_memory(table: Any, config: TrainConfig) -> bool:
+    """True when the cohort's bags are small enough to keep in memory (no DataLoader workers)."""
+    import os
+
+    if config.num_workers > 0:  # each worker would hold its own copy, rebuilt every epoch
+        return False
+    total = 0
+    for path in table.frame["bag_path"]:
+        try:
+            total += os.path.getsize(path)
+        except OSError:
+            return False
+        if total > AUTO_CACHE_BYTES:
+            return False
+    return True
 
 
 def _check_existing_run(out_dir: Path, info: Mapping[str, Any], resume: bool) -> None:
@@ -217,6 +295,7 @@ def cross_validate(
         **dict(run_info or {}),
     }
     _check_existing_run(out_dir, info, resume)
+    barrier()  # every rank checks before rank 0 writes run.json (else rank 1 sees "a run")
 
     splits_path = out_dir / SPLITS_FILE
     if splits is None and resume and splits_path.exists():
@@ -241,13 +320,21 @@ def cross_validate(
 
     # eval_max_instances: larger validation/test bags keep that many evenly spaced instances
     ds_kw = {"cache": config.cache, "eval_max_instances": config.eval_max_instances}
+    ds_kw["cache"] = ds_kw["cache"] or _fits_in_memory(table, config)
     fold_metrics: list[dict[str, Any]] = []
     for split in splits:
         fold_dir = out_dir / f"fold_{split.fold}"
         done = fold_dir / "metrics.json"
-        if resume and done.exists():
+        if resume and done.exists() and (fold_dir / "best.pt").exists():
             fold_metrics.append(json.loads(done.read_text()))
+            _record_fold(out_dir, info, fold_metrics[-1], dist_info.is_main)
             continue
+        if resume and done.exists():  # finished by an older milkit without a selected model
+            warnings.warn(
+                f"{fold_dir.name} has test metrics but no best.pt (no epoch was ever selected, "
+                "so they came from the last epoch's weights); retraining this fold",
+                stacklevel=2,
+            )
         seed_everything(config.seed)
         model = build_model(model_name, table.in_dim, len(class_names), model_kwargs)
         train_ds = BagDataset.from_table(
@@ -274,6 +361,9 @@ def cross_validate(
             "best_epoch": fit.best_epoch,
             "best_val_score": fit.best_score,
             "monitor": fit.monitor,
+            "requested_monitor": config.monitor,
+            "selection": fit.selection.get("reason"),
+            "warnings": list(fit.warnings),
             "epochs_run": len(fit.history),
             "n_train": len(split.train),
             "n_val": len(split.val),
@@ -289,26 +379,64 @@ def cross_validate(
             metrics = {**extra, "n": 0}
             atomic_write_text(done, _json(metrics))
             fold_metrics.append(metrics)
+        if dist_info.is_main:
+            _record_fold(out_dir, info, fold_metrics[-1], True)
         barrier()
 
     summary: dict[str, dict[str, float]] = {}
+    pooled: dict[str, Any] | None = None
     scored = [m for m in fold_metrics if m.get("n", 0) > 0]
     if dist_info.is_main and scored:
-        header = {"model_name": model_name, "model_kwargs": info["model_kwargs"]}
-        summary = write_summary(out_dir, scored, header)
-    return CVResult(out_dir=out_dir, folds=fold_metrics, summary=summary, splits=splits)
+        from milkit.metrics import pooled_metrics
+
+        header = {"model_name": model_name, "model_kwargs": info["model_kwargs"],
+                  "class_names": class_names}  # fmt: skip
+        wanted = {m.get("fold") for m in scored}
+        parts = [(y, p) for k, y, p in read_fold_predictions(out_dir, class_names) if k in wanted]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # undefined AUC: reported as NaN
+            pooled = pooled_metrics([y for y, _ in parts], [p for _, p in parts], class_names,
+                                    bootstrap=bootstrap, seed=config.seed)  # fmt: skip
+        if "auc_ci_note" in pooled:
+            warnings.warn(f"pooled out-of-fold AUC: {pooled['auc_ci_note']}", stacklevel=2)
+        summary = write_summary(out_dir, scored, header, pooled)
+    return CVResult(out_dir=out_dir, folds=fold_metrics, summary=summary, splits=splits,
+                    pooled=pooled)  # fmt: skip
 
 
-def format_summary(summary: Mapping[str, Mapping[str, float]]) -> str:
-    """``auc 0.912 ± 0.031`` lines for the scalar metrics (for the CLI)."""
-    lines = []
+def format_summary(
+    summary: Mapping[str, Mapping[str, float]],
+    pooled: Mapping[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> str:
+    """Mean ± std over folds of the scalar metrics, beside the pooled out-of-fold value.
+
+    ``auc               0.912 ± 0.031 (5 folds)   pooled 0.905 [0.861, 0.944]``; the AUC's title
+    says how it averages over classes (``milkit.metrics.auc_label``).
+    """
+    from milkit.metrics import auc_label
+
+    def num(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
+
+    names = list(class_names or (pooled or {}).get("class_names") or [])
+    lines = [f"{'metric':<18} {'mean ± std over folds':<26} pooled out-of-fold"]
     for key in ("auc", "accuracy", "balanced_accuracy", "f1_macro"):
-        if key in summary:
-            m, s = summary[key]["mean"], summary[key]["std"]
-            if math.isfinite(m):
-                lines.append(f"{key:<18} {m:.3f} ± {s:.3f}")
-            else:
-                lines.append(f"{key:<18} n/a")
+        if key not in summary:
+            continue
+        title = auc_label(names) if key == "auc" and names else key
+        m, s, k = summary[key]["mean"], summary[key]["std"], summary[key].get("n")
+        cell = f"{num(m)} ± {num(s)}" + (f" ({k} folds)" if k is not None else "")
+        if not math.isfinite(m):
+            cell = "n/a"
+        line = f"{title:<18} {cell:<26}"
+        if pooled is not None:
+            line += f" {num(pooled.get(key))}"
+            if key == "auc" and "auc_ci_low" in pooled:
+                line += f" [{num(pooled['auc_ci_low'])}, {num(pooled['auc_ci_high'])}]"
+        lines.append(line.rstrip())
+    if pooled is not None and names and len(names) > 2:
+        lines.append("auc (macro OvR): mean over classes of the one-vs-rest AUC")
     return "\n".join(lines)
 
 
@@ -338,6 +466,15 @@ def fold_dirs(run_dir: str | Path) -> list[Path]:
 def fold_checkpoints(run_dir: str | Path, fold: str | int = "all") -> list[Path]:
     """``best.pt`` of one fold (``fold=k``) or of every fold (``"all"``, for an ensemble)."""
     run_dir = Path(run_dir)
+    broken = [d.name for d in fold_dirs(run_dir)
+              if (d / "metrics.json").is_file() and not (d / "best.pt").is_file()]  # fmt: skip
+    if broken:
+        # Test metrics without a selected checkpoint: an older milkit scored the last epoch.
+        raise MilkitError(
+            f"fold(s) {broken} finished without a selected checkpoint (best.pt)",
+            path=run_dir,
+            hint="Retrain them: milkit train ... --out RUN --resume",
+        )
     available = [d for d in fold_dirs(run_dir) if (d / "best.pt").is_file()]
     if not available:
         raise MilkitError(

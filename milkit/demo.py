@@ -279,7 +279,8 @@ def train_config(model: str, epochs: int, seed: int, max_instances: int | None, 
         lr=1e-3,  # a short schedule on 16-bag training sets needs a larger step than 2e-4
         patience=max(3, epochs // 3),
         min_epochs=min(epochs, 5),
-        monitor="val_loss",  # 2-3 validation slides per fold make val AUC too coarse to select on
+        # Epoch selection (val_loss) and intra-op threads (by bag size) are milkit train's
+        # defaults: the demo sets neither, so it trains the way the CLI does.
         seed=seed,
         max_instances=max_instances,
         progress=progress,
@@ -432,10 +433,11 @@ def run_demo(
         progress: stage messages and progress bars on stderr.
         overwrite: delete the demo's stage folders under ``out_dir`` first.
         max_instances: subsample training bags to this many tiles (memory).
-        threads: torch intra-op threads (None: torch's default). The demo's bags are small: one
-            thread is as fast, and immune to oversubscription when another process loads a core
-            (measured: 30 ms vs 764 ms per ABMIL step with 2 threads on a 2-core machine whose
-            other core was busy).
+        threads: torch intra-op threads for the whole demo, extraction included (None: torch's
+            default). Training picks its threads from the bag size as ``milkit train`` does
+            (``milkit.threads``: one thread for the demo's small bags, which is as fast and immune
+            to oversubscription when another process loads a core; measured: 30 ms vs 764 ms per
+            ABMIL step with 2 threads on a 2-core machine whose other core was busy).
 
     Returns a :class:`DemoResult`; ``result.format()`` is the summary the CLI prints.
     """

@@ -79,6 +79,24 @@ def _choose_val_cases(
     return chosen
 
 
+def _deal_cases(
+    case_labels: pd.Series, groups: np.ndarray, folds: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train rows, test rows) per fold: cases shuffled within each class, then dealt out to the
+    folds in turn, class after class (stratified as far as the counts allow)."""
+    rng = np.random.default_rng(seed)
+    fold_of: dict[str, int] = {}
+    position = 0
+    for label in sorted(case_labels.unique()):
+        cases = sorted(case_labels.index[case_labels == label])
+        for i in rng.permutation(len(cases)):
+            fold_of[str(cases[i])] = position % folds
+            position += 1
+    assigned = np.array([fold_of[str(g)] for g in groups])
+    rows = np.arange(len(groups))
+    return [(rows[assigned != k], rows[assigned == k]) for k in range(folds)]
+
+
 def _ordered(frame: pd.DataFrame, mask: np.ndarray) -> list[str]:
     return frame.loc[mask, "slide_id"].astype(str).tolist()
 
@@ -124,9 +142,12 @@ def make_cv_splits(
     groups = frame["case_id"].astype(str).to_numpy()
     sgkf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     splits: list[FoldSplit] = []
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The least populated class")
-        fold_iter = list(sgkf.split(np.zeros(len(frame)), y, groups))
+    if per_class.max() < folds:  # StratifiedGroupKFold refuses when every class is that small
+        fold_iter = _deal_cases(case_labels, groups, folds, seed)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The least populated class")
+            fold_iter = list(sgkf.split(np.zeros(len(frame)), y, groups))
     for k, (train_idx, test_idx) in enumerate(fold_iter):
         is_test = np.zeros(len(frame), dtype=bool)
         is_test[test_idx] = True

@@ -23,7 +23,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +95,13 @@ class TrainConfig:
     accumulate: int = 1
     sampling: str = "none"  # "none" | "balanced"
     class_weights: bool = False
-    patience: int | None = None
+    patience: int | None = None  # None: no early stopping (the whole schedule runs)
     min_epochs: int = 0
-    monitor: str = "val_auc"  # "val_auc" | "val_loss"
+    # Model selection on the inner validation set (see ``Trainer.fit``). val_loss by default: it
+    # is defined for any validation set and rarely ties, while the AUC of a small validation set
+    # takes few values and often sits at 1.0 from the first epochs (that kept near-untrained
+    # epoch-0 weights). val_auc breaks ties by the lower val_loss.
+    monitor: str = "val_loss"  # "val_loss" | "val_auc"
     amp: bool = True  # CUDA only; ignored on CPU
     seed: int = 0
     num_workers: int = 0
@@ -110,6 +114,7 @@ class TrainConfig:
     feature_dropout: float = 0.0
     cache: bool = False
     progress: bool = True
+    threads: int | None = None  # torch intra-op threads; None: chosen from the bag size
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -131,6 +136,9 @@ class TrainConfig:
                               value=self.patience)  # fmt: skip
         if not 0.0 <= self.feature_dropout < 1.0:
             raise MilkitError("feature_dropout must be in [0, 1)", value=self.feature_dropout)
+        if self.threads is not None and int(self.threads) < 1:
+            raise MilkitError("threads must be >= 1 (or unset to choose from the bag size)",
+                              value=self.threads)  # fmt: skip
 
     @classmethod
     def for_model(cls, model_name: str, preset: str = "default", **overrides: Any) -> TrainConfig:
@@ -180,8 +188,13 @@ class FitResult:
     best_score: float | None
     history: list[dict[str, Any]]
     checkpoint: Path | None
-    monitor: str = "val_auc"
+    monitor: str = "val_loss"  # the criterion actually used (after any fallback)
     stopped_early: bool = False
+    # How the kept epoch was chosen: {"epoch", "monitor", "requested_monitor", "score",
+    # "val_loss", "reason"}; and what the user should know about it (small or saturated
+    # validation set, a fallback), also emitted as warnings.
+    selection: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -334,6 +347,71 @@ class _TrainStep(nn.Module):
         return self.model.training_loss(batch, output, criterion)
 
 
+# Below this many validation slides epoch selection is noisy (a warning says so): the AUC of
+# p positive and n negative slides takes at most p * n + 1 values, and one slide moves the loss.
+MIN_VAL_SLIDES = 10
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _selection_key(row: Mapping[str, Any], monitor: str) -> tuple[float, ...] | None:
+    """Rank of one epoch's validation row (larger is better); None when the score is undefined.
+
+    ``val_loss``: ``(-loss,)``. ``val_auc``: ``(auc, -loss)``, so epochs with equal AUC (common:
+    a small validation set's AUC saturates at 1.0) are told apart by the lower loss.
+    """
+    loss = _finite(row.get("val_loss"))
+    if monitor == "val_loss":
+        return None if loss is None else (-loss,)
+    auc = _finite(row.get(monitor))
+    if auc is None:
+        return None
+    return (auc, -loss if loss is not None else -math.inf)
+
+
+def _describe_selection(
+    history: Sequence[Mapping[str, Any]],
+    epoch: int,
+    monitor: str,
+    requested: str,
+    val_ds: Dataset | None,
+) -> dict[str, Any]:
+    """``{"epoch", "monitor", "requested_monitor", "score", "val_loss", "reason"}``."""
+    row = next((r for r in history if r.get("epoch") == epoch), {})
+    score, loss = _finite(row.get(monitor)), _finite(row.get("val_loss"))
+    if val_ds is None:
+        reason = "no validation set: the last epoch is kept"
+    elif score is None:
+        reason = f"no epoch had a finite {monitor}: the last epoch is kept"
+    elif monitor == "val_loss":
+        reason = f"lowest val_loss ({score:.4f}) of {len(history)} epochs"
+    else:
+        tied = sum(1 for r in history if _finite(r.get(monitor)) == score)
+        reason = f"highest {monitor} ({score:.4f}) of {len(history)} epochs"
+        if tied > 1 and loss is not None:
+            reason += f"; {tied} epochs tied, the lowest val_loss ({loss:.4f}) won"
+    if monitor != requested:
+        reason += f" ({requested} was undefined on this validation set)"
+    return {"epoch": epoch, "monitor": monitor, "requested_monitor": requested, "score": score,
+            "val_loss": loss, "reason": reason}  # fmt: skip
+
+
+def _saturation_notes(history: Sequence[Mapping[str, Any]], monitor: str) -> list[str]:
+    """A warning when the validation AUC sits at 1.0 for several epochs (it cannot rank them)."""
+    perfect = [int(r["epoch"]) for r in history if _finite(r.get("val_auc")) == 1.0]
+    if len(perfect) < 2:
+        return []
+    note = (
+        f"validation AUC saturated at 1.0 in {len(perfect)} of {len(history)} epochs (first: "
+        f"epoch {perfect[0]}); the validation set is too small or too easy to rank epochs by AUC"
+    )
+    if monitor == "val_auc":
+        note += ", ties were broken by val_loss"
+    return [note]
+
+
 def _dataset_labels(dataset: Dataset) -> np.ndarray:
     labels = getattr(dataset, "labels", None)
     if labels is None:
@@ -392,7 +470,14 @@ class Trainer:
     def last_path(self) -> Path | None:
         return self.out_dir / "last.pt" if self.out_dir else None
 
-    def checkpoint_meta(self, epoch: int | None = None, score: float | None = None) -> dict:
+    def checkpoint_meta(
+        self,
+        epoch: int | None = None,
+        score: float | None = None,
+        *,
+        monitor: str | None = None,
+        selection: str | None = None,
+    ) -> dict:
         from milkit import __version__
 
         return {
@@ -404,7 +489,8 @@ class Trainer:
             "train_config": self.config.to_dict(),
             "epoch": epoch,
             "score": score,
-            "monitor": self.config.monitor,
+            "monitor": monitor or self.config.monitor,
+            "selection": selection,
             "milkit_version": __version__,
         }
 
@@ -450,27 +536,73 @@ class Trainer:
     def fit(
         self, train_ds: Dataset, val_ds: Dataset | None = None, *, resume: bool = False
     ) -> FitResult:
-        """Train on ``train_ds``; select the best epoch on ``val_ds`` (inner validation).
+        """Train on ``train_ds``; select the epoch to keep on ``val_ds`` (inner validation).
 
-        With no ``val_ds`` the last epoch is kept. ``resume=True`` continues from
-        ``out_dir/last.pt`` when it exists (a finished run returns at once).
+        Selection (``config.monitor``): ``val_loss`` keeps the epoch with the lowest validation
+        cross-entropy; ``val_auc`` the highest validation AUC, ties going to the lower val_loss.
+        When the AUC is undefined (the validation set lacks a class) selection falls back to
+        val_loss; when no epoch has a finite score the last epoch is kept. So every finished fit
+        writes ``best.pt``, and ``FitResult.selection`` says which epoch and why. With no
+        ``val_ds`` the last epoch is kept. Early stopping (``config.patience``) counts epochs
+        without a better selection score, never before ``config.min_epochs``.
+
+        A validation set smaller than ``MIN_VAL_SLIDES``, lacking a class, or whose AUC saturates
+        at 1.0 is reported as a warning and in ``FitResult.warnings``.
+
+        ``resume=True`` continues from ``out_dir/last.pt`` when it exists (a finished run
+        returns at once). A ``last.pt`` without its ``best.pt`` (a run whose selected weights
+        were never written) cannot be completed: the fit then starts again, with a warning.
+
+        Intra-op threads: ``config.threads``, or one thread for small bags
+        (``milkit.threads.choose_threads``); the previous setting is restored afterwards.
         """
+        from milkit.threads import choose_threads, intra_op_threads
+
+        threads = choose_threads(self.config.threads, train_ds, batch_size=self.config.batch_size)
+        with intra_op_threads(threads):
+            return self._fit(train_ds, val_ds, resume=resume)
+
+    def _selection_plan(self, val_ds: Dataset | None) -> tuple[str, list[str]]:
+        """The monitor to use on ``val_ds`` and warnings about the validation set itself."""
+        monitor = self.config.monitor
+        notes: list[str] = []
+        if val_ds is None:
+            return monitor, notes
+        val_labels = getattr(val_ds, "labels", None)
+        if val_labels is None:
+            return monitor, notes
+        counts = np.bincount(
+            np.asarray(val_labels, dtype=np.int64), minlength=len(self.class_names)
+        )
+        per_class = {name: int(c) for name, c in zip(self.class_names, counts, strict=False)}
+        missing = [name for name, c in per_class.items() if c == 0]
+        if missing:
+            if monitor == "val_auc":
+                monitor = "val_loss"
+                notes.append(
+                    f"validation set lacks class(es) {missing}: val AUC is undefined, "
+                    "selecting the epoch on val_loss instead"
+                )
+            else:
+                notes.append(
+                    f"validation set lacks class(es) {missing}: val_loss covers only the "
+                    "classes present"
+                )
+        if len(val_labels) < MIN_VAL_SLIDES:
+            notes.append(
+                f"validation set has only {len(val_labels)} slide(s) {per_class}: epoch selection "
+                "on it is noisy (use more slides or a larger --val-fraction)"
+            )
+        return monitor, notes
+
+    def _fit(self, train_ds: Dataset, val_ds: Dataset | None, *, resume: bool) -> FitResult:
         cfg = self.config
         if len(train_ds) == 0:
             raise MilkitError("training set is empty", hint="Check the labels CSV and the splits")
         labels = _dataset_labels(train_ds)
-        monitor = cfg.monitor
         if val_ds is not None and len(val_ds) == 0:
             val_ds = None
-        if val_ds is not None and monitor == "val_auc":
-            val_labels = getattr(val_ds, "labels", None)
-            if val_labels is not None and len(np.unique(np.asarray(val_labels))) < 2:
-                warnings.warn(
-                    "validation set has a single class; AUC is undefined, monitoring val_loss",
-                    stacklevel=2,
-                )
-                monitor = "val_loss"
-        higher_better = monitor == "val_auc"
+        monitor, notes = self._selection_plan(val_ds)
 
         model = self.model.to(self.device)
         weights = balanced_weights(labels) if cfg.sampling == "balanced" else None
@@ -519,9 +651,25 @@ class Trainer:
 
         start_epoch, global_step = 0, 0
         best_score: float | None = None
+        best_key: tuple[float, ...] | None = None
         best_epoch, bad_epochs, stopped = -1, 0, False
         history: list[dict[str, Any]] = []
         best_state: dict[str, torch.Tensor] | None = None
+        if (
+            resume
+            and self.last_path is not None
+            and self.last_path.exists()
+            and self.best_path is not None
+            and not self.best_path.exists()
+        ):
+            # Older milkit could finish a fit without ever writing best.pt (an undefined val
+            # AUC at every epoch); the selected weights are gone, so the fold is trained again.
+            warnings.warn(
+                f"{self.out_dir}: last.pt has no best.pt beside it (no epoch was ever "
+                "selected); training this fold again from scratch",
+                stacklevel=3,
+            )
+            resume = False
         if resume and self.last_path is not None and self.last_path.exists():
             state = load_train_state(self.last_path)
             model.load_state_dict(state["model"])
@@ -537,7 +685,11 @@ class Trainer:
             stopped = bool(state["stopped"])
             history = list(state["history"])
             monitor = state.get("monitor", monitor)
-            higher_better = monitor == "val_auc"
+            key = state.get("best_key")
+            if key is not None:
+                best_key = tuple(float(v) for v in key)
+            elif 0 <= best_epoch < len(history):  # a state written before best_key existed
+                best_key = _selection_key(history[best_epoch], monitor)
         else:
             seed_everything(cfg.seed + self.dist.rank)
 
@@ -561,20 +713,11 @@ class Trainer:
             history.append(row)
 
             score = row.get(monitor) if val_ds is not None else None
-            improved = val_ds is None or (
-                score is not None
-                and math.isfinite(score)
-                and (
-                    best_score is None
-                    or (score > best_score if higher_better else score < best_score)
-                )
-            )
+            key = _selection_key(row, monitor) if val_ds is not None else None
+            improved = val_ds is None or (key is not None and (best_key is None or key > best_key))
             if improved:
-                best_score, best_epoch, bad_epochs = score, epoch, 0
-                if self.dist.is_main and self.best_path is not None:
-                    save_checkpoint(self.best_path, model, self.checkpoint_meta(epoch, score))
-                else:  # no folder, or a non-main DDP rank: keep the best weights in memory
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_score, best_key, best_epoch, bad_epochs = score, key, epoch, 0
+                best_state = self._keep_best(model, epoch, score, monitor, "selected so far")
             else:
                 bad_epochs += 1
             if (
@@ -600,24 +743,41 @@ class Trainer:
                             "epoch": epoch,
                             "global_step": global_step,
                             "best_score": best_score,
+                            "best_key": None if best_key is None else list(best_key),
                             "best_epoch": best_epoch,
                             "bad_epochs": bad_epochs,
                             "stopped": stopped,
                             "monitor": monitor,
                             "history": plain(history),
-                            "meta": self.checkpoint_meta(epoch, score),
+                            "meta": self.checkpoint_meta(epoch, score, monitor=monitor),
                         },
                     )
             self._after_epoch(epoch)
         if writer is not None:
             writer.close()
 
+        if best_epoch < 0 and history:
+            # No epoch had a finite score: keep the last one rather than leave no model.
+            best_epoch, best_score = int(history[-1]["epoch"]), None
+            reason = f"last epoch kept: no epoch had a finite {monitor}"
+            best_state = self._keep_best(model, best_epoch, None, monitor, reason)
+            notes.append(f"no epoch had a finite {monitor}; the last epoch ({best_epoch}) is kept")
+        selection = _describe_selection(history, best_epoch, monitor, cfg.monitor, val_ds)
+        notes.extend(_saturation_notes(history, monitor))
+        for note in notes:
+            if self.dist.is_main:
+                warnings.warn(note if self.out_dir is None else f"{self.out_dir}: {note}",
+                              stacklevel=3)  # fmt: skip
+
         # Leave the model holding the selected (best) weights.
         if best_state is not None:
             model.load_state_dict(best_state)
         elif self.best_path is not None and self.best_path.exists():
-            state_dict, _ = read_checkpoint(self.best_path)
+            state_dict, meta = read_checkpoint(self.best_path)
             model.load_state_dict(state_dict)
+            if self.dist.is_main and meta.get("selection") != selection["reason"]:
+                meta = {**meta, "selection": selection["reason"]}  # the final word on why
+                save_checkpoint(self.best_path, model, meta)
         model.eval()
         return FitResult(
             best_epoch=best_epoch,
@@ -626,7 +786,20 @@ class Trainer:
             checkpoint=self.best_path if self.best_path and self.best_path.exists() else None,
             monitor=monitor,
             stopped_early=stopped and epoch + 1 < cfg.epochs,
+            selection=selection,
+            warnings=notes,
         )
+
+    def _keep_best(
+        self, model: nn.Module, epoch: int, score: float | None, monitor: str, reason: str
+    ) -> dict[str, torch.Tensor] | None:
+        """Write best.pt (main rank with a folder) or return a copy of the weights to keep."""
+        if self.dist.is_main and self.best_path is not None:
+            meta = self.checkpoint_meta(epoch, score, monitor=monitor, selection=reason)
+            save_checkpoint(self.best_path, model, meta)
+            return None
+        # no folder, or a non-main DDP rank: keep the best weights in memory
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def _after_epoch(self, epoch: int) -> None:
         """Hook called after each epoch's files are written (tests simulate crashes here)."""

@@ -182,22 +182,17 @@ def _jsonable(v: Any) -> Any:
 
 
 def auc_score(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Binary ROC-AUC (Mann-Whitney with tie correction); NaN if a class is missing."""
-    return float(_auc_rows(np.asarray(labels)[None, :], np.asarray(scores)[None, :])[0])
+    """Binary ROC-AUC (``milkit.metrics.binary_auc``: scikit-learn); NaN if a class is missing."""
+    from milkit.metrics import binary_auc
+
+    return binary_auc(np.asarray(labels).astype(bool), np.asarray(scores))
 
 
 def _auc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Row-wise AUC of (R, n) label/score matrices, ties counted half (as sklearn)."""
-    from scipy.stats import rankdata
+    """Row-wise AUC of (R, n) label/score matrices (``milkit.metrics.auc_rows``)."""
+    from milkit.metrics import auc_rows
 
-    labels = labels.astype(bool)
-    ranks = rankdata(scores, axis=1)
-    n_pos = labels.sum(axis=1)
-    n_neg = labels.shape[1] - n_pos
-    rank_sum = np.where(labels, ranks, 0.0).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auc = (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
-    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+    return auc_rows(labels, scores)
 
 
 def bootstrap_mean_auc(

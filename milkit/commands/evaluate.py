@@ -12,8 +12,11 @@ EXAMPLE = """example:
   milkit evaluate --run runs/abmil --bootstrap 1000 --json runs/abmil/evaluation.json
 
 Recomputes the metrics from RUN/fold_<k>/predictions.csv (the test folds, predicted with each
-fold's selected checkpoint) and prints AUC, accuracy, balanced accuracy and macro-F1 per fold and
-as mean ± std over folds. --bootstrap adds a 95% CI of each fold's AUC and of the pooled AUC.
+fold's selected checkpoint) and prints AUC, accuracy, balanced accuracy and macro-F1 per fold, as
+mean ± std over folds, and pooled over all test predictions (out-of-fold). Binary AUC is the
+positive class's; with more classes it is the macro average of one-vs-rest AUCs ("auc (macro
+OvR)"). --bootstrap adds a 95% CI of each fold's AUC and of the pooled AUC; a fold with fewer than
+5 slides of a class gets a note instead of an interval.
 """
 
 _COLUMNS = ("auc", "accuracy", "balanced_accuracy", "f1_macro")
@@ -35,37 +38,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def evaluate_run(run_dir: Path, *, bootstrap: int = 0, seed: int = 0) -> dict:
-    """Per-fold metrics, their summary and (optionally) bootstrap CIs from predictions.csv."""
-    import numpy as np
-    import pandas as pd
-
-    from milkit.cv import fold_dirs, load_run
+    """Per-fold metrics, their summary, the pooled out-of-fold metrics and (optionally)
+    bootstrap CIs, from predictions.csv."""
+    from milkit.cv import load_run, read_fold_predictions
     from milkit.errors import MilkitError
-    from milkit.metrics import bootstrap_ci, classification_metrics, summarise_folds
+    from milkit.metrics import auc_ci, classification_metrics, pooled_metrics, summarise_folds
 
     info = load_run(run_dir)
     names = [str(c) for c in info["class_names"]]
-    index = {n: i for i, n in enumerate(names)}
     folds, ys, ps = [], [], []
-    for d in fold_dirs(run_dir):
-        path = d / "predictions.csv"
-        if not path.is_file():
-            continue
-        frame = pd.read_csv(path, dtype={"slide_id": str, "label": str})
-        cols = [f"prob_{n}" for n in names]
-        missing = [c for c in ["label", *cols] if c not in frame.columns]
-        if missing:
-            raise MilkitError(f"predictions file lacks columns {missing}", path=path)
-        unknown = sorted(set(frame["label"]) - set(index))
-        if unknown:
-            raise MilkitError("predictions hold labels outside the run's classes",
-                              value=unknown[:5], path=path)  # fmt: skip
-        y = frame["label"].map(index).to_numpy(dtype=np.int64)
-        p = frame[cols].to_numpy(dtype=np.float64)
+    for fold, y, p in read_fold_predictions(run_dir, names):
         m = classification_metrics(y, p, names)
-        m["fold"] = int(d.name[5:])
+        m["fold"] = fold
         if bootstrap > 0:
-            m["auc_ci"] = list(bootstrap_ci(y, p, "auc", n_boot=bootstrap, seed=seed))
+            ci = auc_ci(y, p, n_boot=bootstrap, seed=seed)
+            m["auc_ci"] = [ci["auc_ci_low"], ci["auc_ci_high"]] if "auc_ci_low" in ci else None
+            m["auc_ci_note"] = ci.get("auc_ci_note")
         folds.append(m)
         ys.append(y)
         ps.append(p)
@@ -73,12 +61,12 @@ def evaluate_run(run_dir: Path, *, bootstrap: int = 0, seed: int = 0) -> dict:
         raise MilkitError("run has no test predictions (fold_<k>/predictions.csv)", path=run_dir,
                           hint="Finish training first: milkit train ... --resume")  # fmt: skip
     summary = summarise_folds([{k: m[k] for k in _COLUMNS} for m in folds])
-    out = {"model_name": info.get("model_name"), "class_names": names, "folds": folds,
-           "summary": summary}  # fmt: skip
-    if bootstrap > 0:
-        y_all, p_all = np.concatenate(ys), np.concatenate(ps)
-        out["pooled_auc"] = classification_metrics(y_all, p_all, names)["auc"]
-        out["pooled_auc_ci"] = list(bootstrap_ci(y_all, p_all, "auc", n_boot=bootstrap, seed=seed))
+    pooled = pooled_metrics(ys, ps, names, bootstrap=bootstrap, seed=seed)
+    out = {"model_name": info.get("model_name"), "class_names": names,
+           "auc_average": pooled["auc_average"], "folds": folds, "summary": summary,
+           "pooled": pooled, "pooled_auc": pooled["auc"]}  # fmt: skip
+    if "auc_ci_low" in pooled:
+        out["pooled_auc_ci"] = [pooled["auc_ci_low"], pooled["auc_ci_high"]]
     return out
 
 
@@ -90,24 +78,36 @@ def run_command(args: argparse.Namespace) -> int:
     import warnings
 
     from milkit.atomic import atomic_write_text
+    from milkit.metrics import auc_label
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # single-class folds: AUC n/a, shown in the table
         res = evaluate_run(args.run, bootstrap=args.bootstrap, seed=args.seed)
-    header = f"{'fold':>5}  {'n':>4}  " + "  ".join(f"{c:>17}" for c in _COLUMNS)
-    print(f"{res['model_name']}  ({args.run})")
+    titles = [auc_label(res["class_names"]), *_COLUMNS[1:]]
+    header = f"{'fold':>6}  {'n':>4}  " + "  ".join(f"{c:>17}" for c in titles)
+    print(f"{res['model_name']}  ({args.run}); auc: {res['auc_average']}")
     print(header)
+    notes = []
     for m in res["folds"]:
         cells = [_fmt(m[c]) for c in _COLUMNS]
-        if "auc_ci" in m:
+        if m.get("auc_ci"):
             cells[0] = f"{_fmt(m['auc'])} [{_fmt(m['auc_ci'][0])},{_fmt(m['auc_ci'][1])}]"
-        print(f"{m['fold']:>5}  {m['n']:>4}  " + "  ".join(f"{c:>17}" for c in cells))
+        elif m.get("auc_ci_note"):
+            notes.append(f"fold {m['fold']}: {m['auc_ci_note']}")
+        print(f"{m['fold']:>6}  {m['n']:>4}  " + "  ".join(f"{c:>17}" for c in cells))
     s = res["summary"]
     cells = [f"{_fmt(s[c]['mean'])} ± {_fmt(s[c]['std'])}" for c in _COLUMNS]
-    print(f"{'mean':>5}  {'':>4}  " + "  ".join(f"{c:>17}" for c in cells))
+    print(f"{'mean':>6}  {'':>4}  " + "  ".join(f"{c:>17}" for c in cells))
+    pooled = res["pooled"]
+    cells = [_fmt(pooled[c]) for c in _COLUMNS]
     if "pooled_auc_ci" in res:
         lo, hi = res["pooled_auc_ci"]
-        print(f"pooled AUC {_fmt(res['pooled_auc'])} (95% bootstrap CI {_fmt(lo)}-{_fmt(hi)})")
+        cells[0] = f"{_fmt(pooled['auc'])} [{_fmt(lo)},{_fmt(hi)}]"
+    elif pooled.get("auc_ci_note"):
+        notes.append(f"pooled: {pooled['auc_ci_note']}")
+    print(f"{'pooled':>6}  {pooled['n']:>4}  " + "  ".join(f"{c:>17}" for c in cells))
+    for note in notes:
+        print(f"note: {note}")
     if args.json:
         atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
     return 0

@@ -71,7 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument("--class-weights", action="store_true", help="class-weighted loss")
     opt.add_argument("--patience", type=int, help="early-stopping patience (epochs)")
     opt.add_argument("--min-epochs", type=int, help="never stop before this epoch")
-    opt.add_argument("--monitor", choices=("val_auc", "val_loss"))
+    opt.add_argument("--monitor", choices=("val_loss", "val_auc"),
+                     help="epoch selection on the inner validation set (default val_loss; "
+                     "val_auc breaks ties by val_loss)")  # fmt: skip
     opt.add_argument("--grad-clip", type=float)
     opt.add_argument("--max-instances", type=int, help="subsample bags to N instances (train)")
     opt.add_argument("--eval-max-instances", type=int,
@@ -83,6 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument("--seed", type=int)
     opt.add_argument("--device", help="auto, cpu, cuda, cuda:1 (default auto)")
     opt.add_argument("--workers", type=int, help="DataLoader workers (default 0)")
+    opt.add_argument("--threads", type=int,
+                     help="torch intra-op threads (default: 1 for small bags, where more threads "
+                     "only add overhead, else torch's default)")  # fmt: skip
     run = p.add_argument_group("run")
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
     run.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for AUC CI")
@@ -141,6 +146,7 @@ def config_from_args(args: argparse.Namespace):
         "seed": args.seed,
         "device": args.device,
         "num_workers": args.workers,
+        "threads": args.threads,
         "progress": False if args.no_progress else None,
     }
     return TrainConfig.for_model(args.model, preset=args.preset, **overrides)
@@ -177,28 +183,41 @@ def run_command(args: argparse.Namespace) -> int:
             f"in_dim {table.in_dim}, world size {env_world_size()} -> {args.out}",
             file=sys.stderr,
         )
+    if args.threads is not None:  # also for the test-fold predictions, outside Trainer.fit
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if main:  # one line per warning, like the notes above
+            print(f"milkit train: warning: {message}", file=sys.stderr)
+
     try:
-        result = cross_validate(
-            table,
-            args.model,
-            config,
-            args.out,
-            folds=args.folds or 5,
-            model_kwargs=model_kwargs,
-            splits=splits,
-            resume=args.resume,
-            val_fraction=args.val_fraction,
-            bootstrap=args.bootstrap,
-            run_info={"labels_csv": str(args.labels), "bags_dir": str(args.bags)},
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", UserWarning)
+            warnings.showwarning = show
+            result = cross_validate(
+                table,
+                args.model,
+                config,
+                args.out,
+                folds=args.folds or 5,
+                model_kwargs=model_kwargs,
+                splits=splits,
+                resume=args.resume,
+                val_fraction=args.val_fraction,
+                bootstrap=args.bootstrap,
+                run_info={"labels_csv": str(args.labels), "bags_dir": str(args.bags)},
+            )
     finally:
         cleanup_distributed()
     if main:
         for m in result.folds:
             auc = m.get("auc", float("nan"))
             print(f"fold {m.get('fold')}: auc {auc:.3f} acc {m.get('accuracy', float('nan')):.3f}"
-                  f" (best epoch {m.get('best_epoch')}, n={m.get('n')})")  # fmt: skip
+                  f" (n={m.get('n')}; epoch {m.get('best_epoch')}: {m.get('selection')})")  # fmt: skip
         if result.summary:
-            print(format_summary(result.summary))
+            print(format_summary(result.summary, result.pooled, table.class_names))
         print(f"run folder: {args.out}")
     return 0

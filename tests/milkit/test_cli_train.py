@@ -38,13 +38,14 @@ def test_train_writes_a_complete_run(trained, capsys):
         assert (run / f"fold_{k}" / "best.pt").exists()
         assert len(pd.read_csv(run / f"fold_{k}" / "log.csv")) == 3
     summary = pd.read_csv(run / "summary.csv")
-    assert list(summary["fold"].astype(str)) == ["0", "1", "mean", "std"]
+    assert list(summary["fold"].astype(str)) == ["0", "1", "mean", "std", "pooled"]
     # --resume on a finished run retrains nothing and prints the same summary
     stamp = (run / "fold_1" / "best.pt").stat().st_mtime_ns
     rc = main(["train", "--bags", str(bags), "--labels", str(csv), "--out", str(run),
                "--resume", *TRAIN])  # fmt: skip
     assert rc == 0 and (run / "fold_1" / "best.pt").stat().st_mtime_ns == stamp
-    assert "auc" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "auc" in out and "pooled out-of-fold" in out and "lowest val_loss" in out
 
 
 def test_evaluate_prints_folds_and_mean_std(trained, capsys, tmp_path):
@@ -52,7 +53,7 @@ def test_evaluate_prints_folds_and_mean_std(trained, capsys, tmp_path):
     out_json = tmp_path / "eval.json"
     assert main(["evaluate", "--run", str(run), "--bootstrap", "30", "--json", str(out_json)]) == 0
     text = capsys.readouterr().out
-    assert "mean" in text and "±" in text and "pooled AUC" in text
+    assert "mean" in text and "±" in text and "pooled" in text
     res = json.loads(out_json.read_text())
     stored = [json.loads((run / f"fold_{k}" / "metrics.json").read_text()) for k in (0, 1)]
     assert [m["auc"] for m in res["folds"]] == pytest.approx([m["auc"] for m in stored])

@@ -165,3 +165,54 @@ def test_auc_with_tied_scores_equals_sklearn() -> None:
     p1 = np.round(np.clip(0.3 * y + rng.uniform(0, 0.7, 200), 0, 1), 1)  # many ties
     m = classification_metrics(y, np.stack([1 - p1, p1], 1), ["a", "b"])
     assert m["auc"] == pytest.approx(roc_auc_score(y, p1), abs=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 40), rows=st.integers(1, 6))
+def test_auc_rows_equal_sklearn_row_by_row(seed: int, n: int, rows: int) -> None:
+    """The vectorised bootstrap AUC is scikit-learn's AUC, ties included; NaN for one class."""
+    from milkit.metrics import auc_rows, binary_auc
+
+    rng = np.random.default_rng(seed)
+    positive = rng.random((rows, n)) < 0.5
+    score = np.round(rng.random((rows, n)), 1)  # many ties
+    got = auc_rows(positive, score)
+    for r in range(rows):
+        if positive[r].all() or not positive[r].any():
+            assert math.isnan(got[r]) and math.isnan(binary_auc(positive[r], score[r]))
+        else:
+            assert got[r] == pytest.approx(roc_auc_score(positive[r], score[r]), abs=1e-12)
+            assert binary_auc(positive[r], score[r]) == roc_auc_score(positive[r], score[r])
+
+
+def test_auc_names_its_average() -> None:
+    from milkit.metrics import auc_label
+
+    rng = np.random.default_rng(1)
+    y = np.arange(12) % 3
+    probs = _softmax(rng.normal(size=(12, 3)))
+    assert classification_metrics(y, probs, ["a", "b", "c"])["auc_average"] == "macro one-vs-rest"
+    binary = classification_metrics(y % 2, probs[:, :2], ["neg", "pos"])
+    assert binary["auc_average"] == "binary (positive class 'pos')"
+    assert auc_label(["a", "b", "c"]) == "auc (macro OvR)" and auc_label(["n", "p"]) == "auc"
+
+
+def test_auc_ci_refuses_small_or_degenerate_sets_and_pooled_uses_every_slide() -> None:
+    from milkit.metrics import MIN_CI_PER_CLASS, auc_ci, pooled_metrics
+
+    small_y = np.array([0, 0, 1, 1, 1])
+    small_p = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.2, 0.8], [0.1, 0.9]])
+    with pytest.warns(RuntimeWarning, match="no bootstrap CI"):
+        assert set(auc_ci(small_y, small_p, n_boot=100)) == {"auc_ci_note"}
+    perfect_y = np.repeat([0, 1], MIN_CI_PER_CLASS)
+    perfect_p = np.stack([1 - perfect_y * 0.9 - 0.05, perfect_y * 0.9 + 0.05], 1)
+    with pytest.warns(RuntimeWarning, match="every resample"):
+        assert "auc_ci_note" in auc_ci(perfect_y, perfect_p, n_boot=100)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 80)
+    p = _softmax(rng.normal(size=(80, 2)) + np.eye(2)[y])
+    ci = auc_ci(y, p, n_boot=200, seed=2)
+    assert ci["auc_ci_low"] < classification_metrics(y, p, ["a", "b"])["auc"] < ci["auc_ci_high"]
+    pooled = pooled_metrics([y[:40], y[40:]], [p[:40], p[40:]], ["a", "b"], bootstrap=200, seed=2)
+    assert pooled["n"] == 80 and pooled["auc"] == pytest.approx(roc_auc_score(y, p[:, 1]))
+    assert (pooled["auc_ci_low"], pooled["auc_ci_high"]) == (ci["auc_ci_low"], ci["auc_ci_high"])

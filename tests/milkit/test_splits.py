@@ -187,3 +187,40 @@ def test_validate_splits_catches_unknown_and_leaks() -> None:
         validate_splits([FoldSplit(0, ["c0_s0", "zz"], [], ["c1_s0"])], table)
     with pytest.raises(MilkitError, match="case"):
         validate_splits([FoldSplit(0, ["c0_s0"], [], ["c0_s1", "c1_s0"])], table)
+
+
+def test_every_class_smaller_than_folds_still_splits() -> None:
+    """StratifiedGroupKFold refused 6 cases (4 + 2) in 5 folds; cases are now dealt out."""
+    table = _table([(1, 0)] * 4 + [(1, 1)] * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        splits = make_cv_splits(table, folds=5, val_fraction=0.2, seed=0)
+    _check_invariants(table, splits, 5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    cases=st.lists(st.tuples(st.integers(1, 3), st.integers(0, 2)), min_size=6, max_size=40),
+    folds=st.integers(2, 5),
+    seed=st.integers(0, 1000),
+)
+def test_validation_holds_every_class_the_training_part_can_spare(
+    cases: list[tuple[int, int]], folds: int, seed: int
+) -> None:
+    """A class with two or more training cases puts at least one in validation (and keeps one for
+    training), so the validation AUC is defined whenever the data allow it."""
+    if len(set(lab for _, lab in cases)) < 2 or len(cases) < folds:
+        return
+    table = _table(cases)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        splits = make_cv_splits(table, folds=folds, val_fraction=0.1, seed=seed)
+    frame = table.frame
+    label_of = dict(zip(frame["slide_id"], frame["label_idx"], strict=True))
+    case_of = dict(zip(frame["slide_id"], frame["case_id"], strict=True))
+    for s in splits:
+        for label in set(label_of.values()):
+            train_cases = {case_of[x] for x in s.train + s.val if label_of[x] == label}
+            if len(train_cases) >= 2:
+                assert any(label_of[x] == label for x in s.val)
+                assert any(label_of[x] == label for x in s.train)

@@ -103,7 +103,9 @@ def test_training_learns_planted_signal_and_writes_logs_and_checkpoint(tmp_path)
     result = fit_model(model, train, _cfg(epochs=6, lr=5e-3), val_ds=val, out_dir=tmp_path,
                        model_name="abmil",
                        model_kwargs={"fc_dim": 16, "attn_dim": 8})  # fmt: skip
-    assert result.best_score is not None and result.best_score >= 0.9
+    assert result.monitor == "val_loss"  # the default: selection on validation loss
+    assert result.best_score == min(r["val_loss"] for r in result.history)
+    assert result.history[result.best_epoch]["val_auc"] >= 0.9
     assert result.checkpoint == tmp_path / "best.pt"
     log = pd.read_csv(tmp_path / "log.csv")
     assert list(log["epoch"]) == list(range(6))
@@ -194,13 +196,14 @@ class _ScriptedTrainer(Trainer):
 
 def test_early_stopping_uses_patience_min_epochs_and_keeps_best(tmp_path):
     train, val = datasets(n_train=4, n_val=4)
-    res = _ScriptedTrainer(small_abmil(), _cfg(epochs=10, patience=3), tmp_path / "a").fit(
+    auc = {"monitor": "val_auc"}
+    res = _ScriptedTrainer(small_abmil(), _cfg(epochs=10, patience=3, **auc), tmp_path / "a").fit(
         train, val
     )
     assert res.stopped_early and len(res.history) == 5  # best at 1, three bad epochs: 2, 3, 4
     assert (res.best_epoch, res.best_score) == (1, 0.7)
     assert torch.load(tmp_path / "a" / "best.pt", weights_only=True)["meta"]["epoch"] == 1
-    res = _ScriptedTrainer(small_abmil(), _cfg(epochs=10, patience=3, min_epochs=7),
+    res = _ScriptedTrainer(small_abmil(), _cfg(epochs=10, patience=3, min_epochs=7, **auc),
                            tmp_path / "b").fit(train, val)  # fmt: skip
     assert (res.best_epoch, len(res.history)) == (6, 10)  # 0.95 at epoch 6 found thanks to min
     res = _ScriptedTrainer(small_abmil(), _cfg(epochs=4, monitor="val_loss"), None).fit(train, val)
