@@ -136,7 +136,7 @@ class OfficialImport:
             "class_names": names,
             "in_dim": self.in_dim,
             "num_classes": self.num_classes,
-            "train_config": None,
+            "train_config": {},  # not trained by milkit
             "epoch": None,
             "score": None,
             "monitor": None,

@@ -90,7 +90,7 @@ def _write_run(out: Path, imported, meta: dict) -> None:
         "model_kwargs": meta["model_kwargs"],
         "class_names": meta["class_names"],
         "in_dim": meta["in_dim"],
-        "train_config": None,
+        "train_config": {},  # not trained by milkit
         "folds": 1,
         "milkit_version": meta["milkit_version"],
         "imported_from": meta["imported_from"],
