@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,9 @@ from milkit import models
 from tests.models.test_contract import IN_DIM, SMALL
 
 NAMES = models.list_models()
+# The contract test's small sizes, plus models it does not shrink (yet); any unlisted model trains
+# at its defaults.
+TINY = {"transmil-sattention": {"dim": 32, "heads": 2}, **SMALL}
 
 
 def _free_port() -> int:
@@ -61,16 +65,17 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     results: dict[str, dict] = {}
     for name in NAMES:
+        t0 = time.perf_counter()
         try:
             torch.manual_seed(0)
-            model = models.create(name, IN_DIM, 2, **SMALL.get(name, {}))
+            model = models.create(name, IN_DIM, 2, **TINY.get(name, {}))
             batch = 4 if model.supports_padding else 1  # 4 bags of 2 classes: a positive pair
             cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=batch, progress=False, seed=0)
             # 2 optimiser steps per rank
             train = _bags(4 * batch, seed=1)
             Trainer(model, cfg, None).fit(train)
             params = torch.cat([p.detach().flatten() for p in model.parameters()])
-            results[name] = {"ok": True, "checksum": float(params.double().sum()),
+            results[name] = {"ok": True, "checksum": float(params.double().sum()), "s": time.perf_counter() - t0,
                              "finite": bool(torch.isfinite(params).all())}  # fmt: skip
         except Exception as err:  # recorded, so every model is tried
             results[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:300]}
@@ -100,3 +105,54 @@ def test_every_registered_model_trains_under_ddp(tmp_path):
         assert r0[name]["finite"], name
         # DDP averages gradients, so both ranks hold the same weights after every step
         assert r0[name]["checksum"] == pytest.approx(r1[name]["checksum"], rel=1e-5, abs=1e-5), name
+
+
+def _cv_worker(rank: int, world: int, port: int, root: str) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # fmt: skip
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    from milkit import cv
+    from milkit.data import load_labels
+    from milkit.distributed import cleanup_distributed
+    from milkit.train import TrainConfig
+
+    if rank == 1:  # a slow rank: it checks the run folder after rank 0 reached its write
+        check = cv._check_existing_run
+
+        def slow_check(*args, **kwargs):
+            time.sleep(1.0)
+            return check(*args, **kwargs)
+
+        cv._check_existing_run = slow_check
+    csv_path, bags = Path(root, "labels.csv"), Path(root, "bags")
+    table = load_labels(csv_path, bags)
+    cfg = TrainConfig(epochs=1, progress=False, seed=0)
+    try:
+        cv.cross_validate(table, "abmil", cfg, Path(root, "run"), folds=2,
+                          model_kwargs={"fc_dim": 8, "attn_dim": 4})  # fmt: skip
+        Path(root, f"ok{rank}").write_text("ok")
+    except Exception as err:
+        Path(root, f"err{rank}").write_text(f"{type(err).__name__}: {err}")
+    cleanup_distributed()
+
+
+@pytest.mark.slow
+def test_cross_validate_under_ddp_has_no_run_folder_race(tmp_path):
+    """Rank 1 used to find the run.json rank 0 had just written: "run folder already holds a
+    run" (one torchrun in three failed on a 2-core machine)."""
+    import milkit.cv  # noqa: F401
+    from tests.milkit.test_cv import make_cohort
+
+    make_cohort(tmp_path, n=12, shift=8.0)
+    mp.start_processes(
+        _cv_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
+    errors = [p.read_text() for p in tmp_path.glob("err*")]
+    assert not errors, errors
+    assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
+    assert (tmp_path / "run" / "fold_1" / "metrics.json").exists()
