@@ -233,3 +233,22 @@ def test_clam_split_errors_name_the_file(tmp_path):
     (tmp_path / "w.csv").write_text(",train,val\n0,a,b\n")
     with pytest.raises(MilkitError, match=r"lacks column"):
         load_splits(tmp_path / "w.csv")
+
+
+def test_exported_folders_read_back_as_bags(tmp_path):
+    from milkit.data import BagDataset, load_labels
+
+    bags = tmp_path / "bags"
+    bags.mkdir()
+    feats = _bags(bags)
+    export_bags(bags, tmp_path / "clam", "clam")
+    export_bags(bags, tmp_path / "job", "trident")
+    csv = tmp_path / "labels.csv"
+    pd.DataFrame({"slide_id": ["s32", "s16", "spt"], "label": ["a", "b", "a"]}).to_csv(csv)
+    table = load_labels(csv, tmp_path / "clam" / "pt_files")
+    ds = BagDataset.from_table(table)
+    for i, sid in enumerate(ds.slide_ids):
+        np.testing.assert_array_equal(ds.load(i)[0].numpy(), feats[sid].astype(np.float32))
+    features_dir = tmp_path / "job" / "20x_256px_0px_overlap" / "features_uni_v1"
+    assert sorted(p.name for p in features_dir.iterdir()) == ["s16.h5", "s32.h5"]
+    assert len(load_labels(csv, features_dir, skip_missing=True)) == 2
