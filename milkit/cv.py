@@ -296,7 +296,6 @@ def cross_validate(
     }
     _check_existing_run(out_dir, info, resume)
     barrier()  # every rank checks before rank 0 writes run.json (else rank 1 sees "a run")
-    barrier()  # every rank checks before rank 0 writes run.json (else rank 1 sees "a run")
 
     splits_path = out_dir / SPLITS_FILE
     if splits is None and resume and splits_path.exists():
