@@ -126,6 +126,16 @@ def read_run_predictions(run_dir: str | Path) -> RunPredictions:
     return RunPredictions(info, names, frame)
 
 
+def _unfinished_folds(run_dir: Path, preds: RunPredictions) -> list[int]:
+    """Folds of the run's ``splits.csv`` (with test slides) that have no predictions yet."""
+    from milkit.splits import load_splits
+
+    if not (run_dir / "splits.csv").is_file():
+        return []
+    planned = {s.fold for s in load_splits(run_dir / "splits.csv") if s.test}
+    return sorted(planned - {int(f) for f in preds.frame["fold"]})
+
+
 # ---------------------------------------------------------------------------- numbers
 def _fmt(value: Any, digits: int = 3) -> str:
     try:
@@ -402,11 +412,9 @@ def build_run_report(
         MilkitError: not a run / no predictions (see ``read_run_predictions``); ``slide_ids``
             that are not test slides of the run. Per-slide drawing problems become notes.
     """
-    from milkit.cv import load_run
-
     run_dir = Path(run_dir)
     preds = read_run_predictions(run_dir)
-    info = load_run(run_dir)
+    info = preds.info
     names = preds.class_names
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
     img_dir = out_dir / "img"
@@ -415,6 +423,12 @@ def build_run_report(
     img_dir.mkdir(parents=True)
     notes: list[str] = []
     images: list[Path] = []
+    missing = _unfinished_folds(run_dir, preds)
+    if missing:
+        notes.append(
+            f"fold(s) {missing} have no test predictions yet: the numbers cover the finished "
+            "folds only. Finish them with `milkit train ... --resume`"
+        )
 
     y, probs = preds.y, preds.probs
     per_fold = []
@@ -590,7 +604,8 @@ def _attention_section(
         chosen = _select_slides(preds, available, max_slides)
     doc.add(Heading("Where the model looks"))
     if not chosen:
-        notes.append(f"no test slide of the run has both a slide in {slides_dir} and a bag")
+        if max_slides > 0:
+            notes.append(f"no test slide of the run has both a slide in {slides_dir} and a bag")
         return []
     kind, scores = out_of_fold_attention(
         run_dir,

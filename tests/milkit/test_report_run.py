@@ -160,6 +160,18 @@ def test_report_errors(run_with_slides, tmp_path, capsys):
                          bootstrap=0, slide_ids=["s015"])  # fmt: skip
 
 
+@pytest.mark.slow
+def test_unfinished_folds_are_said(run_with_slides, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_with_slides / "run", run)
+    (run / "fold_1" / "predictions.csv").unlink()
+    report = build_run_report(run, bootstrap=0)
+    assert report.index_html == run / "report" / "index.html"
+    assert [m["fold"] for m in report.folds] == [0]
+    assert any("fold(s) [1] have no test predictions" in n for n in report.notes)
+    assert "fold(s) [1] have no test predictions" in (run / "report" / "report.md").read_text()
+
+
 def test_multiclass_figures_and_brier(tmp_path):
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 20)
