@@ -382,7 +382,7 @@ def find_pen_ink(hsv: np.ndarray, mpp: float, params: TissueParams) -> np.ndarra
             cv2.bitwise_or(ink, black, dst=ink)
     if cv2.countNonZero(ink) < min_px:
         return None
-    found = clean_mask(ink.view(bool), min_px, min_px)
+    found = clean_mask(ink > 0, min_px, min_px)
     if not found.any():
         return None
     r = round(params.pen_margin_um / mpp)
