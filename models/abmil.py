@@ -34,13 +34,12 @@ def state_dict_from_clam(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     Raises:
         KeyError: not a CLAM_SB state dict (CLAM_MB's per-class branches are not ABMIL).
     """
-    from milkit.models.official import convert_state, detect_variant, get_family, read_state
+    from milkit.models.official import convert_state, get_family, match_variant, read_state
 
     from milkit.errors import MilkitError
 
     try:
-        state = read_state(state)
-        variant = detect_variant(get_family("clam"), state)
+        variant, state, _ = match_variant(get_family("clam"), read_state(state))
         if variant.model is None:
             raise MilkitError(variant.note)
         return convert_state(variant, state)[0]

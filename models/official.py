@@ -45,6 +45,7 @@ __all__ = [
     "convert_state",
     "detect_variant",
     "load_official",
+    "match_variant",
     "read_state",
 ]
 
@@ -155,6 +156,7 @@ _CLAM_HEAD = (
     Rule("attention_net.0.*", "fc.0.*"),
     Rule("classifiers.*", "head.*"),
     Rule("instance_classifiers.*", None, "CLAM's instance classifiers (training-only clustering)"),
+    Rule("instance_loss_fn.*", None, "CLAM's smooth-SVM instance loss buffer (training only)"),
 )
 _CLAM_SHAPES = {"fc_dim": ("fc.0.weight", 0), "attn_dim": ("pool.score.weight", 1)}
 _CLAM_NOTE = (
@@ -554,6 +556,40 @@ def read_state(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, 
     return state
 
 
+def _unwrap_inner_dataparallel(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """Remove a DataParallel ``.module`` under a top-level submodule (CLAM's ``relocate()`` wraps
+    ``attention_net`` only: ``attention_net.module.0.weight``): for every top-level name all of
+    whose keys continue with ``.module.``."""
+    groups: dict[str, list[str]] = {}
+    for key in state:
+        groups.setdefault(key.split(".", 1)[0], []).append(key)
+    wrapped = [
+        top
+        for top, keys in groups.items()
+        if all(k.split(".")[1:2] == ["module"] and k.count(".") >= 2 for k in keys)
+    ]
+    out = {}
+    for key, value in state.items():
+        top = key.split(".", 1)[0]
+        out[key.replace(f"{top}.module.", f"{top}.", 1) if top in wrapped else key] = value
+    return out, wrapped
+
+
+def match_variant(
+    family: Family, state: Mapping[str, Tensor]
+) -> tuple[Variant, dict[str, Tensor], list[str]]:
+    """``detect_variant``, retried after removing inner DataParallel ``.module`` levels; returns
+    (variant, the state it matched, notes)."""
+    try:
+        return detect_variant(family, state), dict(state), []
+    except MilkitError:
+        inner, wrapped = _unwrap_inner_dataparallel(state)
+        if not wrapped:
+            raise
+        note = f"removed the DataParallel '.module' level under {', '.join(wrapped)}"
+        return detect_variant(family, inner), inner, [note]
+
+
 def detect_variant(family: Family, state: Mapping[str, Tensor]) -> Variant:
     """The first variant of ``family`` whose signature keys are all in ``state``."""
     for variant in family.variants:
@@ -661,13 +697,13 @@ def load_official(
     from milkit import models
 
     fam = get_family(family)
-    state = read_state(source)
-    variant = detect_variant(fam, state)
+    variant, state, unwrapped = match_variant(fam, read_state(source))
     where = source if not isinstance(source, Mapping) else None
     if variant.model is None:
         raise MilkitError(f"{fam.name}: '{variant.name}' cannot be imported", path=where,
                           hint=variant.note)  # fmt: skip
     converted, notes = convert_state(variant, state, ignore)
+    notes = unwrapped + notes
     kwargs: dict[str, Any] = dict(variant.overrides)
     for arg, spec in variant.shapes.items():
         kwargs[arg] = _shape_arg(converted, spec, arg)

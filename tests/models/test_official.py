@@ -70,6 +70,30 @@ def test_clam_dataparallel_prefix_and_instance_classifiers():
         assert torch.allclose(imported.model(x[None]).logits, clam_sb_forward(plain, x), atol=1e-6)
 
 
+def test_clam_demo_checkpoint_layout_inner_dataparallel_and_svm_buffer():
+    """CLAM's shipped demo checkpoint (heatmaps/demo/ckpts/s_0_checkpoint.pt) wraps only
+    ``attention_net`` in DataParallel (``attention_net.module.0.weight``) and stores the smooth-SVM
+    loss buffer ``instance_loss_fn.labels``: both handled, said, and the forward equals CLAM's."""
+    plain = clam_sb_state()
+    demo = {k.replace("attention_net.", "attention_net.module.", 1): v for k, v in plain.items()}
+    demo["instance_loss_fn.labels"] = torch.tensor([0, 1])
+    imported = models.load_official(demo, "clam")
+    assert any("DataParallel" in n and "attention_net" in n for n in imported.notes)
+    assert any("instance_loss_fn.labels" in n for n in imported.notes)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert torch.allclose(imported.model(x[None]).logits, clam_sb_forward(plain, x), atol=1e-6)
+    # the plain (Attn_Net) layout keeps its own ".module" after the inner unwrap
+    plain_attn = clam_sb_state(gated=False)
+    demo_plain = {
+        k.replace("attention_net.", "attention_net.module.", 1): v for k, v in plain_attn.items()
+    }
+    assert models.load_official(demo_plain, "clam").model_name == "abmil"
+    from milkit.models.abmil import state_dict_from_clam
+
+    assert set(state_dict_from_clam(demo)) == set(models.create("abmil-gated", 16, 2).state_dict())
+
+
 def test_clam_plain_variant_is_detected():
     imported = models.load_official(clam_sb_state(gated=False), "clam")
     assert imported.model_name == "abmil"
