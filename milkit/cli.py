@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "check",
     "models",
     "demo",
+    "import_weights",
 )
 
 
