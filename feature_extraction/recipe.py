@@ -53,6 +53,8 @@ FLAGS = {
     "min_tissue": "--min-tissue",
     "tissue_preset": "--tissue-preset",
     "tissue": "--tissue-preset",
+    "pen_ink": "--pen-ink / --no-pen-filter",
+    "tissue.pen_ink": "--pen-ink / --no-pen-filter",
     "slide_mpp": "--slide-mpp / --mpp-csv",
 }
 

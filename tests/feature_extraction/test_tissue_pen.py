@@ -250,3 +250,6 @@ def test_preprocess_records_the_pen_filter_in_the_bag_and_qc(ink_case, tmp_path:
     assert json.loads(header.root_attrs["tissue_params"])["pen_ink"] == ["blue", "green", "black"]
     assert 0.3 < float(header.root_attrs["pen_ink_mm2"]) < 0.5
     assert (tmp_path / "qc" / "ink.png").stat().st_size > 10_000
+    # The pen settings are part of the recorded recipe: a rerun without the filter is refused.
+    rerun = preprocess([inked.path], tmp_path, dataclasses.replace(cfg, pen_ink=()))
+    assert rerun.exit_code == 1 and "--pen-ink" in rerun.results[0].error
