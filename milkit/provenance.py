@@ -202,12 +202,12 @@ def check_against_run(
         f"[{run_spec.describe()}]: {groups}"
     )
     if allow_mismatch:
-        return [what + " (--allow-encoder-mismatch: predicting anyway)"]
+        return [what + " (--allow-encoder-mismatch: used anyway)"]
     raise MilkitError(
         what,
         path=run_dir,
         hint="Extract the bags with the run's encoder, weights and tile spec "
-        "(milkit info BAG shows a bag's), or pass --allow-encoder-mismatch to predict anyway",
+        "(milkit info BAG shows a bag's), or pass --allow-encoder-mismatch to use them anyway",
     )
 
 

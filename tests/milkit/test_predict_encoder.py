@@ -127,7 +127,7 @@ def test_predict_refuses_another_encoder_unless_allowed(uni_run, tmp_path, capsy
     rc = main(["predict", "--run", str(run), "--bags", str(new), "--out", str(out),
                "--allow-encoder-mismatch"])  # fmt: skip
     assert rc == 0 and len(pd.read_csv(out)) == 2
-    assert "predicting anyway" in capsys.readouterr().err
+    assert "(--allow-encoder-mismatch: used anyway)" in capsys.readouterr().err
 
 
 def test_predict_refuses_attribute_less_bags_for_a_recorded_run(uni_run, tmp_path, capsys):
