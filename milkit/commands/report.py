@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=8, help="top attended tiles shown per slide")
     p.add_argument("--max-slides", type=int, default=12, help="slides drawn with --slides")
     p.add_argument("--slide-ids", nargs="+", help="draw these slides instead")
-    p.add_argument("--device", default="cpu", help="device of the attention pass")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (attention pass)")
     p.set_defaults(func=run_command)
 
 

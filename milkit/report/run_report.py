@@ -284,7 +284,7 @@ def out_of_fold_attention(
     slide_ids: Sequence[str],
     bag_paths: Mapping[str, Path],
     *,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> tuple[str, dict[str, np.ndarray]]:
     """Per-tile scores of ``slide_ids`` from the checkpoint of the fold that tested each slide.
 
@@ -295,8 +295,9 @@ def out_of_fold_attention(
     from milkit.checkpoint import load_checkpoint
     from milkit.data import BagDataset
     from milkit.report.attention import _instance_scores
-    from milkit.train import predict
+    from milkit.train import predict, resolve_device
 
+    device = str(resolve_device(device))
     fold_of = dict(zip(preds.frame["slide_id"], preds.frame["fold"], strict=True))
     kind = "attention"
     out: dict[str, np.ndarray] = {}
@@ -310,7 +311,8 @@ def out_of_fold_attention(
         result = predict(model, dataset, device=device, with_attention=True)
         if result.attention is None:
             kind = "instance score"
-            out.update(_instance_scores(model, dataset, len(preds.class_names) - 1))
+            # _instance_scores runs on the CPU (as the demo's report does)
+            out.update(_instance_scores(model.cpu(), dataset, len(preds.class_names) - 1))
             continue
         for sid, att in zip(result.slide_ids, result.attention, strict=True):
             out[str(sid)] = np.asarray(att.mean(axis=0) if att.ndim == 2 else att, dtype=np.float64)
@@ -394,7 +396,7 @@ def build_run_report(
     top_k: int = 8,
     max_slides: int = 12,
     slide_ids: Sequence[str] | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     thumbnail_size: int = 1600,
 ) -> RunReport:
     """Write the report of a run to ``out_dir`` (default ``RUN/report``).
@@ -406,7 +408,7 @@ def build_run_report(
         bags_dir: where the bags are now (default: ``run.json``'s ``bags_dir``).
         bootstrap: resamples for the 95% CIs (0: no CIs).
         top_k: tiles shown per slide; max_slides: slides drawn (``slide_ids`` picks them).
-        device: for the attention pass.
+        device: for the attention pass (``auto``: CUDA when available).
 
     Raises:
         MilkitError: not a run / no predictions (see ``read_run_predictions``); ``slide_ids``
