@@ -19,10 +19,6 @@ The folder is self-contained (relative image links): move or zip it as it is.
 """
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in --help, example block kept as written."""
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "report",
@@ -30,18 +26,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write a report of a `milkit train` run: metrics with CIs, ROC, confusion "
         "matrix, calibration, predictions and (with --slides) heatmaps and top tiles.",
         epilog=EXAMPLE,
-        formatter_class=_Formatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--run", required=True, type=Path, help="run folder (milkit train --out)")
     p.add_argument("--out", type=Path, help="report folder (default: RUN/report)")
     p.add_argument("--slides", type=Path, help="folder of the slides (adds heatmaps and tiles)")
     p.add_argument("--bags", type=Path, help="bags folder (default: the run's, from run.json)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--top-k", type=int, default=8, help="top attended tiles shown per slide")
-    p.add_argument("--max-slides", type=int, default=12, help="slides drawn with --slides")
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument(
+        "--top-k", type=int, default=8, help="top attended tiles shown per slide (default 8)"
+    )
+    p.add_argument(
+        "--max-slides", type=int, default=12, help="slides drawn with --slides (default 12)"
+    )
     p.add_argument("--slide-ids", nargs="+", help="draw these slides instead")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (attention pass)")
+    p.add_argument(
+        "--device", default="auto", help="attention pass: auto, cpu, cuda (default auto)"
+    )
     p.set_defaults(func=run_command)
 
 
