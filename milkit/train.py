@@ -513,9 +513,17 @@ class Trainer:
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if cfg.optimizer == "adam":
-            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        # The fused kernel updates all parameters in one call: the same Adam(W) update (equal up
+        # to float rounding), ~2x less optimiser time on CPU, where torch's default is a
+        # per-parameter Python loop that dominates small-bag steps. Falls back where unsupported.
+        devices = {p.device.type for p in params}
+        if len(devices) == 1 and devices <= {"cpu", "cuda"}:
+            try:
+                return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+            except (RuntimeError, ValueError, TypeError):
+                pass
+        return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def _criterion(self, labels: np.ndarray) -> nn.Module:
         weight = None
@@ -880,7 +888,8 @@ class Trainer:
 
         preds = predict(model, val_ds, batch_size=self.config.batch_size, device=self.device,
                         num_workers=self.config.num_workers, phase="validate",
-                        oom_kwargs=self._oom_kwargs())  # fmt: skip
+                        oom_kwargs=self._oom_kwargs(),
+                        threads=torch.get_num_threads())  # fmt: skip
         probs = torch.as_tensor(preds.probs).clamp_min(1e-12)
         y = torch.as_tensor(preds.labels, dtype=torch.long)
         loss = nn.functional.nll_loss(probs.log(), y).item()
@@ -953,6 +962,7 @@ def predict(
     num_workers: int = 0,
     phase: str = "predict",
     oom_kwargs: Mapping[str, Any] | None = None,
+    threads: int | None = None,
 ) -> Predictions:
     """Softmax probabilities for every bag of ``dataset`` (in dataset order), in eval mode.
 
@@ -962,7 +972,14 @@ def predict(
 
     ``attention`` (when requested) is one array per bag, trimmed of padding: shape (N,) or
     (H, N) for multi-head models; None for models that return no attention.
+
+    ``threads``: torch intra-op threads for the pass (None: one for small bags, else torch's
+    default; ``milkit.threads.choose_threads``); the previous setting is restored.
     """
+    from milkit.threads import choose_threads
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(choose_threads(threads, dataset, batch_size=batch_size))
     dev = resolve_device(device)
     was_training = model.training
     model.to(dev).eval()
@@ -975,8 +992,10 @@ def predict(
     try:
         for batch in loader:
             batch = _to_device(batch, dev)
-            kw = {"model": getattr(model, "milkit_name", None), "device": str(dev),
-                  "batch_size": batch_size, **dict(oom_kwargs or {})}  # fmt: skip
+            kw = {"model": getattr(model, "milkit_name", None) or type(model).__name__,
+                  "device": str(dev),
+                  "batch_size": batch_size,
+                  **{k: v for k, v in (oom_kwargs or {}).items() if v is not None}}  # fmt: skip
             with oom_context(phase, batch["slide_id"], batch["features"].shape[1], **kw):
                 out = model(batch["features"], mask=batch.get("mask"), coords=batch.get("coords"))
             probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
@@ -993,6 +1012,7 @@ def predict(
                     attention.append(att[b, ..., :n].float().cpu().numpy())
     finally:
         model.train(was_training)
+        torch.set_num_threads(previous_threads)
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     return Predictions(
         slide_ids=ids,

@@ -53,12 +53,15 @@ def predict_run(run_dir: Path, dataset, *, fold: str = "all", batch_size: int = 
     from milkit.cv import fold_checkpoints, load_run
     from milkit.train import predict, resolve_device
 
-    load_run(run_dir)
+    cfg = load_run(run_dir).get("train_config") or {}
+    # an out-of-memory hint suggests the cap the run itself was evaluated (or trained) with
+    cap = cfg.get("eval_max_instances") or cfg.get("max_instances")
     dev = resolve_device(device)
     probs, first = [], None
     for ckpt in fold_checkpoints(run_dir, fold):
-        model, _ = load_checkpoint(ckpt, map_location=dev)
-        out = predict(model, dataset, batch_size=batch_size, device=dev, phase="predict")
+        model, meta = load_checkpoint(ckpt, map_location=dev)
+        out = predict(model, dataset, batch_size=batch_size, device=dev, phase="predict",
+                      oom_kwargs={"model": meta.get("model_name"), "max_instances": cap})  # fmt: skip
         probs.append(out.probs)
         first = first or out
     first.probs = np.mean(probs, axis=0)
