@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from milkit.atomic import PARTIAL_SUFFIX, atomic_path
-from milkit.errors import MilkitError, tidy_floats
+from milkit.errors import MilkitError, one_line, refused_global, tidy_floats
 
 FORMAT_VERSION = 1
 BAG_SUFFIXES = (".h5", ".hdf5", ".pt")
@@ -301,13 +301,6 @@ def _numpy_pickle_globals() -> list[Any]:
     return allowed
 
 
-def _one_line(text: str) -> str:
-    """``text`` without ANSI escapes and newlines (torch's refusal is 15 coloured lines)."""
-    import re
-
-    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
-
-
 def _read_pt(path: Path) -> Bag:
     """Read a ``.pt`` bag: a tensor (CLAM ``pt_files/``) or a numpy array (TRIDENT ``saveas='pt'``).
 
@@ -319,7 +312,6 @@ def _read_pt(path: Path) -> Bag:
             that is not an (N, D) floating-point array.
     """
     import pickle
-    import re
     import warnings
 
     import torch
@@ -329,8 +321,7 @@ def _read_pt(path: Path) -> Bag:
             warnings.simplefilter("ignore", UserWarning)  # old pickle protocols warn
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", _one_line(str(err)))
-        what = found.group(1) if found else _one_line(str(err))[:200]
+        what = refused_global(err) or one_line(str(err), limit=200)
         raise MilkitError(
             f"refusing to load .pt bag: it needs {what}, which is not a tensor or numpy array "
             "(loading it could run code)",
@@ -339,7 +330,7 @@ def _read_pt(path: Path) -> Bag:
         ) from None
     except Exception as err:
         raise MilkitError(
-            f"cannot load .pt bag ({type(err).__name__}: {_one_line(str(err))[:200]})",
+            f"cannot load .pt bag ({type(err).__name__}: {one_line(str(err), limit=200)})",
             path=path,
             hint="The file is truncated or not a PyTorch file; re-extract its features",
         ) from None

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from milkit.atomic import atomic_path
-from milkit.errors import MilkitError
+from milkit.errors import MilkitError, one_line, refused_global
 
 CHECKPOINT_FORMAT = "milkit-checkpoint"
 TRAIN_STATE_FORMAT = "milkit-train-state"
@@ -104,18 +104,17 @@ def safe_torch_load(path: str | os.PathLike[str], *, map_location: str = "cpu") 
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        what = refused_global(err)
         raise MilkitError(
             "refusing to load checkpoint: it contains Python objects other than weights and "
-            "plain values (loading it could run code)",
+            f"plain values{f' ({what})' if what else ''} (loading it could run code)",
             path=path,
-            hint=f"Only load checkpoints you trust; re-save the weights as a state_dict. ({err})"[
-                :400
-            ],
+            hint="Only load checkpoints you trust; re-save the weights as a state_dict",
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise MilkitError(
             "cannot read checkpoint (truncated or not a PyTorch file)",
-            value=str(err)[:200],
+            value=one_line(str(err), limit=200),
             path=path,
             hint="Re-run training, or resume it with --resume",
         ) from None

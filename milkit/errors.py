@@ -5,6 +5,7 @@ Shape (DESIGN §8): what was wrong, the offending value, the file, and what to d
 
 from __future__ import annotations
 
+import re
 from os import PathLike
 from typing import Any
 
@@ -67,3 +68,22 @@ class MilkitError(Exception):
         if hint:
             message = f"{message}. {hint}"
         super().__init__(message)
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line, without ANSI colour codes, at most ``limit`` characters.
+
+    For quoting library errors inside a MilkitError (torch's ``weights_only`` refusal is 15
+    coloured lines).
+    """
+    flat = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(text)).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def refused_global(err: BaseException) -> str | None:
+    """The global (e.g. ``posix.system``) that ``torch.load(weights_only=True)`` refused, or None.
+
+    torch names it as ``GLOBAL module.name`` in its UnpicklingError message.
+    """
+    found = re.search(r"GLOBAL ([\w.]+)", one_line(str(err), limit=10_000))
+    return found.group(1) if found else None

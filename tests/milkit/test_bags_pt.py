@@ -141,3 +141,31 @@ def test_truncated_pt_is_one_line_error(tmp_path):
     with pytest.raises(MilkitError, match=r"cannot load \.pt bag.*t\.pt") as info:
         read_bag(tmp_path / "t.pt")
     assert "\n" not in str(info.value)
+
+
+def test_checkpoint_refusal_is_one_line_and_names_the_global(tmp_path):
+    # the same fault in checkpoints: torch's refusal used to be quoted, newlines and all
+    from milkit.checkpoint import load_checkpoint
+
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": _Exploit(str(marker))}, tmp_path / "best.pt")
+    with pytest.raises(MilkitError) as info:
+        load_checkpoint(tmp_path / "best.pt")
+    message = str(info.value)
+    assert not marker.exists()
+    assert "\n" not in message and "\x1b" not in message and "best.pt" in message
+    assert "system" in message and "refusing to load checkpoint" in message
+    assert "Weights only load failed" not in message  # torch's prose is not repeated
+
+
+def test_one_line_helpers():
+    from milkit.errors import one_line, refused_global
+
+    text = "a\x1b[1mbold\x1b[0m\n\tb  c"
+    assert one_line(text) == "abold b c"
+    assert one_line("x" * 50, limit=10) == "x" * 9 + "…"
+    err = pickle.UnpicklingError(
+        "...\n\tWeightsUnpickler error: Unsupported global: GLOBAL foo.bar was not"
+    )
+    assert refused_global(err) == "foo.bar"
+    assert refused_global(ValueError("nothing")) is None
