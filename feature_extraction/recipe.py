@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 RECIPE_VERSION = 1
-# Options that change no byte of a bag (or enter the recipe in resolved form, see below).
+# Options that change no byte of a bag, or that enter the recipe in resolved form (→ key).
 RUNTIME_FIELDS = frozenset(
     {
         "batch_size",
@@ -38,6 +38,7 @@ RUNTIME_FIELDS = frozenset(
         "slide_mpp",  # → slide_mpp: the override used for this slide
         "mpp_csv",
         "tissue_params",  # → tissue: the resolved parameters
+        "pen_ink",  # → tissue.pen_ink (ExtractConfig.tissue() folds it into the parameters)
     }
 )
 # Command-line option behind each recipe key, for the refusal message.

@@ -47,7 +47,7 @@ def bags(first_run, tmp_path):
         ({"tissue_preset": "biopsy"}, "tissue_preset 'default' → 'biopsy' (--tissue-preset)"),
         ({"slide_mpp": 0.45}, "slide_mpp (none) → 0.45 (--slide-mpp / --mpp-csv)"),
         ({"dtype": "float16"}, "dtype 'float32' → 'float16' (--float16)"),
-        ({"pen_ink": ()}, "tissue.pen_ink"),
+        ({"pen_ink": ()}, 'tissue.pen_ink ["blue", "green", "black"] → [] (--pen-ink'),
     ],
 )
 def test_changed_setting_is_refused_naming_the_field(bags, slides_dir, change, named):
@@ -142,6 +142,17 @@ def test_whole_config_is_compared_so_new_fields_are_covered():
         "encoder_weights_sha256",
         "precision",
     ]
+
+
+def test_an_option_folded_into_the_tissue_parameters_is_compared_once():
+    """--pen-ink enters as tissue.pen_ink: giving the default explicitly is the same recipe."""
+    if "pen_ink" not in {f.name for f in dataclasses.fields(ExtractConfig)}:
+        pytest.skip("this checkout has no pen_ink option")
+    default = _recipe(ExtractConfig())
+    same = _recipe(ExtractConfig(pen_ink=tuple(default["tissue"]["pen_ink"])))
+    assert recipe_differences(default, same) == []
+    off = recipe_differences(default, _recipe(ExtractConfig(pen_ink=())))
+    assert [d[0] for d in off] == ["tissue.pen_ink"]
 
 
 def test_runtime_options_are_not_part_of_the_recipe(tmp_path: Path):
