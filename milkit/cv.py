@@ -230,6 +230,20 @@ def _check_existing_run(out_dir: Path, info: Mapping[str, Any], resume: bool) ->
                 path=run_file,
                 hint=f"The run was started with {key}={old.get(key)!r}",
             )
+    # the bags' encoder/tile spec (runs from before it was recorded are not compared)
+    old_spec, new_spec = old.get("bag_spec"), info.get("bag_spec")
+    if old_spec and new_spec:
+        keys = ("encoder", "encoder_weights_sha256", "patch_size", "resolution")
+        changed = {k: new_spec.get(k) for k in keys if old_spec.get(k) != new_spec.get(k)}
+        if changed:
+            raise MilkitError(
+                "cannot resume: the bags come from another encoder or tile spec than the run's",
+                value=changed,
+                path=run_file,
+                hint="The run was started with "
+                + ", ".join(f"{k}={old_spec.get(k)!r}" for k in changed)
+                + "; resume with those bags, or start a new --out",
+            )
 
 
 def cross_validate(

@@ -175,3 +175,16 @@ def test_old_run_without_spec_is_not_checked(uni_run, tmp_path, capsys):
     rc = main(["predict", "--run", str(old), "--bags", str(new), "--out", str(tmp_path / "p.csv")])
     assert rc == 0
     assert "the bags' encoder was not checked" in capsys.readouterr().err
+
+
+def test_resume_refuses_bags_from_another_encoder(uni_run, tmp_path, capsys):
+    _, run = uni_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    csv, bags = _cohort(tmp_path, {}, default=RESNET)
+    rc = main(["train", "--bags", str(bags), "--labels", str(csv), "--out", str(copy),
+               "--resume", *TRAIN])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "cannot resume: the bags come from another encoder or tile spec" in err
+    assert "The run was started with encoder='uni'" in err
