@@ -347,6 +347,13 @@ def _read_pt(path: Path) -> Bag:
         raise MilkitError(
             ".pt bag features must be floating point", value=str(arr.dtype), path=path
         )
+    if arr.ndim == 1 and arr.size == 0:  # TRIDENT's file for a slide without tissue tiles
+        raise MilkitError(
+            ".pt bag is empty (no tiles) and records no feature dimension",
+            value=arr.shape,
+            path=path,
+            hint="The slide had no tissue tiles; leave it out of the labels CSV",
+        )
     if arr.ndim != 2:
         raise MilkitError(".pt bag must hold an (N, D) array", value=arr.shape, path=path)
     return Bag(path=path, features=np.ascontiguousarray(arr), coords=None, source="pt")

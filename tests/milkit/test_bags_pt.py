@@ -134,6 +134,15 @@ def test_wrong_content_one_line_error_naming_file(tmp_path, content, match):
     assert "w.pt" in str(info.value) and "\n" not in str(info.value)
 
 
+def test_trident_empty_slide_pt_is_said_to_be_empty(tmp_path):
+    # WSI.extract_features saves np.empty((0,)) when the encoder does not state its dimension
+    torch.save(np.empty((0,), dtype=np.float32), tmp_path / "blank.pt")
+    with pytest.raises(MilkitError, match=r"empty \(no tiles\).*blank\.pt"):
+        read_bag(tmp_path / "blank.pt")
+    torch.save(np.empty((0, 16), dtype=np.float32), tmp_path / "blank2.pt")
+    assert read_bag(tmp_path / "blank2.pt").features.shape == (0, 16)
+
+
 def test_truncated_pt_is_one_line_error(tmp_path):
     torch.save(np.ones((50, 8), np.float32), tmp_path / "t.pt")
     data = (tmp_path / "t.pt").read_bytes()
