@@ -14,11 +14,14 @@ EXAMPLE = """example:
                --out runs/transmil --model-arg dropout=0.1 --balanced
   milkit train ... --out runs/abmil --resume            # continue a killed run
   torchrun --nproc-per-node 4 -m milkit train ...        # data-parallel (DDP)
+  milkit train ... --slide-column slide --label-column diagnosis --skip-missing
+  milkit train ... --max-instances 20000 --eval-max-instances 20000   # huge bags
 
 labels.csv: slide_id,label[,case_id][,split]. Bags are found as BAGS/<slide_id>.h5. Folds are
 stratified and grouped by case_id; a 'split' column (train/val/test) gives one fixed split
 instead. Writes RUN/run.json, splits.csv, fold_<k>/{best.pt,last.pt,log.csv,predictions.csv,
-metrics.json,roc.png}, summary.json and summary.csv (mean ± std over folds).
+metrics.json,roc.png}, summary.json and summary.csv (mean ± std over folds). run.json records
+the bags' encoder and tile spec (bag_spec); a cohort mixing encoders is refused.
 """
 
 
