@@ -9,6 +9,8 @@ from pathlib import Path
 
 import h5py
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from milkit.feature_extraction.extract import ExtractConfig, preprocess, read_manifest
 from milkit.feature_extraction.recipe import build_recipe, recipe_differences
 from milkit.feature_extraction.tissue import TissueParams
@@ -171,3 +173,29 @@ def test_runtime_options_are_not_part_of_the_recipe(tmp_path: Path):
         )
     )
     assert recipe_differences(a, b) == []
+
+
+_SETTINGS = {
+    "patch_size": st.sampled_from([224, 256, 512]),
+    "overlap": st.sampled_from([0, 16]),
+    "min_tissue": st.sampled_from([0.0, 0.25, 0.5]),
+    "mpp": st.sampled_from([None, 0.25, 0.5, 1.0]),
+    "tissue_preset": st.sampled_from(["default", "biopsy", "resection"]),
+    "dtype": st.sampled_from(["float32", "float16"]),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(a=st.fixed_dictionaries(_SETTINGS), b=st.fixed_dictionaries(_SETTINGS))
+def test_differences_are_exactly_the_changed_settings(a, b):
+    ra, rb = _recipe(ExtractConfig(**a)), _recipe(ExtractConfig(**b))
+
+    def norm(d, k):  # no target mpp means the default 0.5 µm/px
+        return (d[k] or 0.5) if k == "mpp" else d[k]
+
+    changed = {k for k in a if norm(a, k) != norm(b, k)}
+    names = {key.split(".")[0] for key, _, _ in recipe_differences(ra, rb)}
+    # A preset change shows as the name and as the parameters it changes.
+    assert names - {"tissue"} == changed
+    assert ("tissue" in names) == (a["tissue_preset"] != b["tissue_preset"])
+    assert recipe_differences(ra, ra) == []

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from milkit.feature_extraction.synthetic import make_plain_tiff
 
 from milkit.bags import read_bag_header, write_bag
@@ -99,3 +101,18 @@ def test_info_explains_an_empty_bag(slides_dir: Path, tmp_path: Path, capsys) ->
     assert main(["info", str(tmp_path / "small.h5")]) == 0
     out = capsys.readouterr().out
     assert "instances x dim: 0 x 218  (empty: smaller than one 256-px tile at 0.5 µm/px" in out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    digits=st.integers(1, 12),
+    mantissa=st.integers(1, 10**12 - 1),
+    exponent=st.integers(-8, 6),
+    factor=st.floats(0.01, 100, allow_nan=False),
+)
+def test_tidy_floats_gives_back_what_was_typed(digits, mantissa, exponent, factor):
+    """A value typed with ≤ 12 significant digits, after float noise, prints as typed."""
+    significant = int(float(f"{mantissa:.{digits}g}"))  # at most `digits` significant digits
+    typed = float(f"{significant}e{exponent}")
+    noisy = typed * factor / factor
+    assert repr(tidy_floats(noisy)) == repr(typed)
