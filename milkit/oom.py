@@ -53,16 +53,18 @@ class BagOutOfMemoryError(MilkitError):
         device: str | None = None,
         batch_size: int = 1,
         max_instances: int | None = None,
+        where: str | None = None,
     ) -> None:
         self.phase = phase
         self.slide_ids = [str(s) for s in slide_ids]
         self.n_instances = int(n_instances)
         first = (str(cause).splitlines() or [""])[0][:160]
-        where = ", ".join(self.slide_ids[:3]) + (", ..." if len(self.slide_ids) > 3 else "")
+        slides = ", ".join(self.slide_ids[:3]) + (", ..." if len(self.slide_ids) > 3 else "")
         what = (
-            f"out of memory in phase '{phase}' on slide {where} "
+            f"out of memory in phase '{phase}' on slide {slides} "
             f"(N={self.n_instances:,} instances{f', batch of {len(self.slide_ids)}' if len(self.slide_ids) > 1 else ''}"
-            f"{f', model {model}' if model else ''}{f', device {device}' if device else ''}): {first}"
+            f"{f', model {model}' if model else ''}{f', device {device}' if device else ''}"
+            f"{f', {where}' if where else ''}): {first}"
         )
         super().__init__(what, hint=remedy(phase, self.n_instances, device=device,
                                            batch_size=batch_size, max_instances=max_instances))  # fmt: skip

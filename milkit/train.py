@@ -881,7 +881,8 @@ class Trainer:
         """What an out-of-memory message needs to name the remedy (``milkit.oom``)."""
         return {"model": self.model_name, "device": str(self.device),
                 "batch_size": self.config.batch_size,
-                "max_instances": self.config.max_instances}  # fmt: skip
+                "max_instances": self.config.max_instances,
+                "where": self.out_dir.name if self.out_dir is not None else None}  # fmt: skip
 
     def _validate(self, model: nn.Module, val_ds: Dataset, criterion: nn.Module) -> dict:
         from milkit.metrics import classification_metrics
