@@ -742,6 +742,14 @@ class Slide:
         return self._mpp
 
     @property
+    def mpp_source(self) -> str:
+        """Where :attr:`mpp` comes from: ``override`` or the metadata key (see mpp_candidates)."""
+        if self._mpp_override is not None:
+            return "override"
+        value = self.mpp  # raises like mpp when nothing usable is found
+        return next(key for key, v in mpp_candidates(self.properties) if v == value)
+
+    @property
     def magnification(self) -> float:
         """Objective power when the file states one (and no mpp override), else 10 / mpp."""
         if self._mpp_override is None:

@@ -96,6 +96,7 @@ def describe_slide(path: Path) -> dict[str, Any]:
         }
         try:
             info["mpp"] = float(s.mpp)
+            info["mpp_source"] = s.mpp_source
             info["magnification"] = float(s.magnification)
         except MilkitError as err:  # still worth describing: the user learns what to pass
             info["mpp"] = None
@@ -164,7 +165,7 @@ def format_slide(d: dict[str, Any]) -> str:
             f"  {lv['level']}: {lv['width']} x {lv['height']} px, downsample {lv['downsample']:.3f}"
         )
     if d["mpp"] is not None:
-        lines.append(f"mpp: {d['mpp']:.4g} µm/px")
+        lines.append(f"mpp: {d['mpp']:.4g} µm/px (from {d['mpp_source']})")
         lines.append(f"magnification: {d['magnification']:.3g}x")
     else:
         lines.append(f"mpp: unknown — {d['mpp_error']}")

@@ -116,3 +116,17 @@ def test_tidy_floats_gives_back_what_was_typed(digits, mantissa, exponent, facto
     typed = float(f"{significant}e{exponent}")
     noisy = typed * factor / factor
     assert repr(tidy_floats(noisy)) == repr(typed)
+
+
+def test_info_says_where_the_mpp_comes_from(slides_dir: Path, tmp_path: Path, capsys) -> None:
+    import tifffile
+
+    assert main(["info", str(slides_dir / "CMU-1-Small-Region.svs")]) == 0
+    assert "mpp: 0.499 µm/px (from openslide.mpp-x)" in capsys.readouterr().out
+    ome = tmp_path / "s.ome.tif"
+    pixels = np.full((32, 32, 3), 230, np.uint8)
+    tifffile.imwrite(
+        ome, pixels, photometric="rgb", metadata={"axes": "YXS", "PhysicalSizeX": 0.25}
+    )
+    assert main(["info", str(ome)]) == 0
+    assert "mpp: 0.25 µm/px (from OME-XML PhysicalSizeX)" in capsys.readouterr().out
