@@ -25,8 +25,9 @@ def init_xavier_(module: nn.Module) -> None:
 def state_dict_from_clam(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Map a CLAM ``CLAM_SB`` state-dict onto ``abmil-gated`` (gated) or ``abmil`` (plain).
 
-    Kept for compatibility; ``milkit.models.load_official(state, "clam")`` (CLI ``milkit
-    import-weights --family clam``) also builds the model and says what it dropped. CLAM keeps
+    The same mapping as ``milkit.models.load_official(state, "clam-abmil")`` (CLI ``milkit
+    import-weights --family clam-abmil``), which also builds the model and says what it dropped;
+    family ``clam`` imports into ``clam-sb``/``clam-mb`` and keeps the instance classifiers. CLAM keeps
     the tanh (V) and sigmoid (U) branches as separate Linears (``attention_a.0`` /
     ``attention_b.0``); ours are one fused Linear with rows ``[V; U]``. DataParallel ``module.``
     prefixes (CLAM's own demo checkpoint) are removed; the instance classifiers are dropped.
@@ -39,7 +40,7 @@ def state_dict_from_clam(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     from milkit.errors import MilkitError
 
     try:
-        variant, state, _ = match_variant(get_family("clam"), read_state(state))
+        variant, state, _ = match_variant(get_family("clam-abmil"), read_state(state))
         if variant.model is None:
             raise MilkitError(variant.note)
         return convert_state(variant, state)[0]

@@ -19,7 +19,7 @@ Loading is strict: an official key that no rule maps, a milkit parameter that no
 a shape that differs raises ``MilkitError`` listing the keys. A checkpoint saved from
 ``nn.DataParallel`` (every key prefixed ``module.``) is unwrapped first.
 
-Adding a family (or pointing ``clam`` at a future ``clam-sb`` model) is adding one table entry.
+Adding a family is adding one table entry.
 """
 
 from __future__ import annotations
@@ -50,6 +50,10 @@ __all__ = [
 ]
 
 
+# (milkit key, dim) whose size gives the value, or a function of the converted state.
+ShapeSpec = tuple[str, int] | Callable[[Mapping[str, Tensor]], int]
+
+
 @dataclass(frozen=True)
 class Rule:
     """One mapping row: official key pattern(s) → milkit key pattern (None = drop)."""
@@ -65,7 +69,8 @@ class Variant:
 
     Attributes:
         name: what the variant is (official class and options), shown to the user.
-        signature: official keys that must all be present to pick this variant.
+        signature: official keys that must all be present to pick this variant; an entry that
+            is a tuple of keys is present when any of them is (layouts that differ by index).
         model: the registered milkit model, or None when milkit has no counterpart (``note``
             then says why and the import is refused).
         rules: the key mapping.
@@ -77,15 +82,15 @@ class Variant:
     """
 
     name: str
-    signature: tuple[str, ...]
+    signature: tuple[str | tuple[str, ...], ...]
     model: str | None
     rules: tuple[Rule, ...] = ()
     overrides: Mapping[str, Any] = field(default_factory=dict)
     shapes: Mapping[str, tuple[str, int]] = field(default_factory=dict)
     infer: Callable[[Mapping[str, Tensor]], dict[str, Any]] | None = None
     note: str = ""
-    in_dim: tuple[str, int] = ("fc.0.weight", 1)
-    num_classes: tuple[str, int] = ("head.weight", 0)
+    in_dim: ShapeSpec = ("fc.0.weight", 1)
+    num_classes: ShapeSpec = ("head.weight", 0)
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,10 @@ class Family:
     source: str
     variants: tuple[Variant, ...]
     aliases: tuple[str, ...] = ()
+    # Layout fixes before the rules: (state, notes, constructor arguments the layout implies).
+    normalise: (
+        Callable[[Mapping[str, Tensor]], tuple[dict[str, Tensor], list[str], dict[str, Any]]] | None
+    ) = None
 
 
 @dataclass
@@ -152,6 +161,68 @@ class OfficialImport:
 
 
 # --------------------------------------------------------------------------- family table
+def _clam_normalise(
+    state: Mapping[str, Tensor],
+) -> tuple[dict[str, Tensor], list[str], dict[str, Any]]:
+    """CLAM before 2024-04 added the Dropout after the first Linear only with ``--drop_out``, so
+    a run without it has the attention module at ``attention_net.2`` (and, plain, the attention's
+    last Linear at ``module.2``); CLAM since then, and milkit's ``clam-*``, always keep the slot
+    at index 3. Renumber, and rebuild without dropout, as the run was trained."""
+    if any(k.startswith("attention_net.3.") for k in state) or not any(
+        k.startswith("attention_net.2.") for k in state
+    ):
+        return dict(state), [], {}
+    renamed = {re.sub(r"^attention_net\.2\.", "attention_net.3.", k): v for k, v in state.items()}
+    note = "CLAM layout without dropout (before 2024-04): attention_net.2.* read as attention_net.3.*; built with dropout=0"
+    return renamed, [note], {"dropout": 0.0}
+
+
+def _clam_size(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    width = next(
+        int(v.shape[0])
+        for k, v in state.items()
+        if k.endswith((".attention_a.0.weight", ".module.0.weight"))
+    )
+    sizes = {256: "small", 384: "big"}  # model_clam.py size_dict: [embed, 512, 256 | 384]
+    if width not in sizes:
+        raise MilkitError(f"CLAM attention width {width} is neither 'small' (256) nor 'big' (384)")
+    return {"size": sizes[width]}
+
+
+def _clam_sb(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    score = next(
+        v
+        for k, v in state.items()
+        if k.endswith((".attention_c.weight", ".module.3.weight", ".module.2.weight"))
+    )
+    if score.shape[0] != 1:
+        raise MilkitError(
+            f"a single-branch CLAM classifier with {score.shape[0]} attention branches: the "
+            "CLAM_MB of CLAM commits 2024-04-06…11 (its logits are C×C); it cannot be imported",
+            hint="Retrain with CLAM after 2024-04-11, or use its CLAM_SB",
+        )
+    return _clam_size(state)
+
+
+def _clam_mb_classes(state: Mapping[str, Tensor]) -> int:
+    return len({k.split(".")[1] for k in state if k.startswith("classifiers.")})
+
+
+_CLAM_RULES = (
+    Rule("attention_net.*", "attention_net.*"),
+    Rule("classifiers.*", "classifiers.*"),
+    Rule("instance_classifiers.*", "instance_classifiers.*"),
+    Rule("instance_loss_fn.*", None, "CLAM's smooth-SVM instance loss buffer (training only)"),
+)
+_CLAM_NOTE = (
+    "not stored in the file: k_sample (8), inst_loss ('svm'), bag_weight (0.7), subtyping "
+    "(False) and the dropout rate (0.25 assumed when the file has the dropout layout); pass them "
+    "as overrides to fine-tune with the run's own settings"
+)
+_CLAM_GATED = ("attention_net.3.attention_a.0.weight", "attention_net.2.attention_a.0.weight")
+_CLAM_PLAIN = ("attention_net.3.module.0.weight", "attention_net.2.module.0.weight")
+
+
 _CLAM_HEAD = (
     Rule("attention_net.0.*", "fc.0.*"),
     Rule("classifiers.*", "head.*"),
@@ -159,7 +230,7 @@ _CLAM_HEAD = (
     Rule("instance_loss_fn.*", None, "CLAM's smooth-SVM instance loss buffer (training only)"),
 )
 _CLAM_SHAPES = {"fc_dim": ("fc.0.weight", 0), "attn_dim": ("pool.score.weight", 1)}
-_CLAM_NOTE = (
+_CLAM_ABMIL_NOTE = (
     "CLAM_SB maps onto milkit's ABMIL in CLAM's layout (same forward: logits and attention); "
     "the instance-level clustering branch is training-only and is dropped"
 )
@@ -208,6 +279,29 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "clam",
         "mahmoodlab/CLAM models/model_clam.py",
+        tuple(
+            Variant(
+                f"{cls}, {'gated attention (Attn_Net_Gated)' if gated else 'plain attention (Attn_Net, gate=False)'}",
+                (_CLAM_GATED if gated else _CLAM_PLAIN, head),
+                model,
+                _CLAM_RULES,
+                overrides={"gate": gated},
+                infer=_clam_sb if model == "clam-sb" else _clam_size,
+                note=_CLAM_NOTE,
+                in_dim=("attention_net.0.weight", 1),
+                num_classes=("classifiers.weight", 0) if model == "clam-sb" else _clam_mb_classes,
+            )
+            for cls, model, head in (
+                ("CLAM_SB", "clam-sb", "classifiers.weight"),
+                ("CLAM_MB", "clam-mb", "classifiers.0.weight"),
+            )
+            for gated in (True, False)
+        ),
+        normalise=_clam_normalise,
+    ),
+    Family(
+        "clam-abmil",
+        "mahmoodlab/CLAM models/model_clam.py, CLAM_SB into milkit's ABMIL (abmil/abmil-gated)",
         (
             Variant(
                 "CLAM_SB, gated attention (Attn_Net_Gated)",
@@ -223,7 +317,7 @@ FAMILIES: tuple[Family, ...] = (
                     *_CLAM_HEAD,
                 ),
                 shapes=_CLAM_SHAPES,
-                note=_CLAM_NOTE,
+                note=_CLAM_ABMIL_NOTE,
             ),
             Variant(
                 "CLAM_SB, plain attention (Attn_Net, gate=False)",
@@ -235,16 +329,17 @@ FAMILIES: tuple[Family, ...] = (
                     *_CLAM_HEAD,
                 ),
                 shapes=_CLAM_SHAPES,
-                note=_CLAM_NOTE,
+                note=_CLAM_ABMIL_NOTE,
             ),
             Variant(
                 "CLAM_MB (one attention branch and one classifier per class)",
                 ("classifiers.0.weight",),
                 None,
-                note="milkit has no CLAM_MB model to import into (per-class attention and "
-                "per-class bag classifiers are not ABMIL)",
+                note="CLAM_MB's per-class attention and classifiers are not ABMIL: import it "
+                "with family 'clam' (milkit clam-mb)",
             ),
         ),
+        aliases=("clam-sb-abmil",),
     ),
     Family(
         "ilse",
@@ -592,10 +687,17 @@ def match_variant(
 
 def detect_variant(family: Family, state: Mapping[str, Tensor]) -> Variant:
     """The first variant of ``family`` whose signature keys are all in ``state``."""
+
+    def present(entry: str | tuple[str, ...]) -> bool:
+        return any(k in state for k in ((entry,) if isinstance(entry, str) else entry))
+
     for variant in family.variants:
-        if all(k in state for k in variant.signature):
+        if all(present(entry) for entry in variant.signature):
             return variant
-    expected = "; ".join(f"{v.name}: {', '.join(v.signature)}" for v in family.variants)
+    expected = "; ".join(
+        f"{v.name}: {', '.join(e if isinstance(e, str) else ' or '.join(e) for e in v.signature)}"
+        for v in family.variants
+    )
     raise MilkitError(
         f"the weights do not look like any {family.name} checkpoint "
         f"(first keys: {', '.join(list(state)[:6])})",
@@ -657,7 +759,9 @@ def convert_state(
     return out, notes
 
 
-def _shape_arg(state: Mapping[str, Tensor], spec: tuple[str, int], what: str) -> int:
+def _shape_arg(state: Mapping[str, Tensor], spec: ShapeSpec, what: str) -> int:
+    if callable(spec):
+        return int(spec(state))
     key, dim = spec
     if key not in state:
         raise MilkitError(f"cannot infer {what}: the converted weights lack {key}")
@@ -702,9 +806,13 @@ def load_official(
     if variant.model is None:
         raise MilkitError(f"{fam.name}: '{variant.name}' cannot be imported", path=where,
                           hint=variant.note)  # fmt: skip
+    layout_kwargs: dict[str, Any] = {}
+    if fam.normalise is not None:
+        state, layout_notes, layout_kwargs = fam.normalise(state)
+        unwrapped = unwrapped + layout_notes
     converted, notes = convert_state(variant, state, ignore)
     notes = unwrapped + notes
-    kwargs: dict[str, Any] = dict(variant.overrides)
+    kwargs: dict[str, Any] = {**variant.overrides, **layout_kwargs}
     for arg, spec in variant.shapes.items():
         kwargs[arg] = _shape_arg(converted, spec, arg)
     if variant.infer is not None:

@@ -16,8 +16,9 @@ from torch import nn
 
 from milkit import models
 from milkit.errors import MilkitError
+from tests.conftest import SHARED_DATA
 
-FIDELITY = Path("/work/shared/data/fidelity")
+FIDELITY = SHARED_DATA / "fidelity"
 DATA = Path(__file__).parent / "data"
 CE = nn.CrossEntropyLoss()
 

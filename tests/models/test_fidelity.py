@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,10 +23,9 @@ import torch
 from einops import rearrange
 
 from milkit import models
+from tests.conftest import SHARED_DATA
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "data" / "fidelity"
-if not FIXTURES.is_dir():  # the checkout may live elsewhere; the data folder does not move
-    FIXTURES = Path("/work/shared/data/fidelity")
+FIXTURES = SHARED_DATA / "fidelity"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fidelity fixtures not present")
 
 F64 = 1e-12  # README "Tolerances": observed <= 2.6e-15

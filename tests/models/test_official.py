@@ -59,13 +59,15 @@ def clam_sb_forward(s: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor
 
 def test_clam_dataparallel_prefix_and_instance_classifiers():
     """CLAM's own demo checkpoint has DataParallel ``module.`` prefixes: they are unwrapped,
-    the instance classifiers dropped (and said), the forward equals CLAM's."""
+    every weight (instance classifiers included) lands in ``clam-sb``, the forward equals
+    CLAM's."""
     state = clam_sb_state(prefix="module.")
     imported = models.load_official(state, "clam")
-    assert imported.model_name == "abmil-gated"
-    assert any("instance_classifiers" in n for n in imported.notes)
+    assert imported.model_name == "clam-sb" and imported.model_kwargs["gate"] is True
     x = torch.randn(9, 16)
     plain = {k[len("module.") :]: v for k, v in state.items()}
+    own = imported.model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in plain.items())  # instance classifiers too
     with torch.no_grad():
         assert torch.allclose(imported.model(x[None]).logits, clam_sb_forward(plain, x), atol=1e-6)
 
@@ -88,7 +90,7 @@ def test_clam_demo_checkpoint_layout_inner_dataparallel_and_svm_buffer():
     demo_plain = {
         k.replace("attention_net.", "attention_net.module.", 1): v for k, v in plain_attn.items()
     }
-    assert models.load_official(demo_plain, "clam").model_name == "abmil"
+    assert models.load_official(demo_plain, "clam").model_kwargs["gate"] is False
     from milkit.models.abmil import state_dict_from_clam
 
     assert set(state_dict_from_clam(demo)) == set(models.create("abmil-gated", 16, 2).state_dict())
@@ -96,7 +98,7 @@ def test_clam_demo_checkpoint_layout_inner_dataparallel_and_svm_buffer():
 
 def test_clam_plain_variant_is_detected():
     imported = models.load_official(clam_sb_state(gated=False), "clam")
-    assert imported.model_name == "abmil"
+    assert imported.model_name == "clam-sb" and imported.model_kwargs["gate"] is False
     assert (imported.in_dim, imported.num_classes) == (16, 2)
 
 
@@ -113,7 +115,7 @@ def test_unmapped_official_key_is_an_error_listing_it():
 def test_missing_official_key_is_an_error_naming_the_milkit_parameter():
     state = clam_sb_state()
     del state["attention_net.3.attention_c.bias"]
-    with pytest.raises(MilkitError, match=r"pool\.score\.bias"):
+    with pytest.raises(MilkitError, match=r"attention_net\.3\.attention_c\.bias"):
         models.load_official(state, "clam")
 
 
@@ -124,12 +126,44 @@ def test_shape_mismatch_is_an_error_nothing_loaded():
         models.load_official(state, "clam")
 
 
-def test_clam_mb_is_refused_with_a_reason():
+@pytest.mark.parametrize("gate", [True, False])
+@pytest.mark.parametrize("size", ["small", "big"])
+@pytest.mark.parametrize("pre_2024", [False, True])
+@pytest.mark.parametrize("name", ["clam-sb", "clam-mb"])
+def test_every_clam_layout_is_detected_and_loads_exactly(name, gate, size, pre_2024):
+    """CLAM_SB/MB, gated or not, small or big, and CLAM's pre-2024 layout of a run without
+    dropout (attention module at ``attention_net.2``, plain attention's last Linear at
+    ``module.2``): milkit's clam-* keeps CLAM's key names (checked against the official modules
+    in test_clam.py), so each file is rebuilt with the options it was trained with."""
+    torch.manual_seed(0)
+    dropout = 0.0 if pre_2024 else 0.25
+    model = models.create(name, 24, 3, gate=gate, size=size, dropout=dropout)
+    milkit_state = model.state_dict()
+    official = dict(milkit_state)
+    if pre_2024:
+        official = {k.replace("attention_net.3.", "attention_net.2.", 1): v
+                    for k, v in milkit_state.items()}  # fmt: skip
+    imported = models.load_official(official, "clam")
+    assert imported.model_name == name
+    assert imported.model_kwargs["gate"] is gate and imported.model_kwargs["size"] == size
+    assert imported.model_kwargs.get("dropout", 0.25) == dropout
+    assert (imported.in_dim, imported.num_classes) == (24, 3)
+    assert any("before 2024-04" in n for n in imported.notes) is pre_2024
+    own = imported.model.state_dict()
+    assert own.keys() == milkit_state.keys()
+    assert all(torch.equal(own[k], milkit_state[k]) for k in milkit_state)
+    x = torch.randn(1, 11, 24)
+    with torch.no_grad():
+        assert torch.equal(imported.model(x).logits, model.eval()(x).logits)
+
+
+def test_clam_mb_of_the_broken_2024_04_commits_is_refused():
+    """CLAM commits 2024-04-06…11 built CLAM_MB with one classifier Linear and C attention
+    branches (C × C logits): refused with the reason, nothing loaded."""
     state = clam_sb_state()
-    state.pop("classifiers.weight")
-    state.pop("classifiers.bias")
-    state["classifiers.0.weight"], state["classifiers.0.bias"] = torch.zeros(1, 512), torch.zeros(1)
-    with pytest.raises(MilkitError, match="CLAM_MB"):
+    state["attention_net.3.attention_c.weight"] = torch.zeros(2, 256)
+    state["attention_net.3.attention_c.bias"] = torch.zeros(2)
+    with pytest.raises(MilkitError, match="2024-04-06"):
         models.load_official(state, "clam")
 
 
@@ -193,6 +227,7 @@ def test_mhim_teacher_init_refuses_gated_file_for_non_gated_model_and_takes_it_g
 def test_every_family_has_a_mapping_and_aliases_resolve():
     assert {f.name for f in FAMILIES} == {
         "clam",
+        "clam-abmil",
         "ilse",
         "transmil",
         "mhim",
@@ -232,7 +267,7 @@ def test_cli_import_weights_run_folder_works_with_predict(tmp_path, capsys):
                "--class-names", "normal,tumor"])  # fmt: skip
     assert rc == 0
     err = capsys.readouterr().err
-    assert "instance_classifiers" in err and "abmil-gated" in err
+    assert "clam-sb" in err and "k_sample" in err
     _model, meta = load_checkpoint(run / "fold_0" / "best.pt")
     assert meta["class_names"] == ["normal", "tumor"]
     assert meta["imported_from"]["family"] == "clam"
