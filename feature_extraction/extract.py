@@ -750,6 +750,7 @@ def process_slide(
             "slide_path": str(slide_path.resolve()),
             **slide_fingerprint(slide_path),
             "vendor": vendor,
+            "mpp_source": slide.mpp_source,  # override or the metadata key it was read from
             "tissue_params": params.to_json(),
             "tissue_threshold": float(tissue.threshold),
             "pen_ink_mm2": float(tissue.ink_area_mm2),

@@ -114,6 +114,7 @@ def test_cmu_bag_contents(fixture_run, slides_dir):
     assert root["slide_sha256"].startswith("ed92d5a9f2e86df6")  # README checksum
     assert json.loads(root["tissue_params"])["seg_mpp"] > 0
     assert root["n_bad_tiles"] == 0 and root["milkit_format"] >= 1
+    assert root["mpp_source"] == "openslide.mpp-x"
 
 
 def test_empty_slides_get_valid_zero_row_bags(fixture_run):
@@ -153,6 +154,7 @@ def test_rerun_skips_complete_bags_and_mpp_csv_rescues(fixture_run, slides_dir, 
     assert (out / "CMU-1-Small-Region.h5").stat().st_mtime_ns == before
     assert read_manifest(out)["boxes"]["status"] == "empty"
     assert read_bag(out / "boxes.h5").coords_attrs["mpp_level0"] == 0.5
+    assert read_bag(out / "boxes.h5").root_attrs["mpp_source"] == "override"
 
 
 def test_existing_bag_from_another_encoder_is_not_mixed_in(slides_dir, tmp_path):
