@@ -50,7 +50,9 @@ class SCMIL(MILModel):
     Equations, for a batch of B bags with labels y_j and base aggregator f (bag embedding b):
         b_j = f(X_j),  ŷ_j = W b_j + c                  classifier on b (not on z)
         z_j = g(b_j) / ‖g(b_j)‖                          projection head g
-        L_SupCon = mean_i −1/|P(i)| Σ_{p∈P(i)} log( exp(z_i·z_p/τ) / Σ_{a≠i} exp(z_i·z_a/τ) )
+        L_SupCon = (τ/0.07) · mean_i −1/|P(i)| Σ_{p∈P(i)} log( exp(z_i·z_p/τ) / Σ_{a≠i} exp(z_i·z_a/τ) )
+                   (mean over all B anchors, an anchor without a positive counting 0: the
+                   reference SupConLoss of HobbitLong/SupContrast losses.py)
         L = β_t · L_SupCon + (1 − β_t) · L_CE,  β_t = 1 − (t/T)²
 
     From the paper (abstract, verified): SupCon on bag-level embeddings of an attention-MIL
@@ -58,8 +60,9 @@ class SCMIL(MILModel):
     representation learning to classifier learning. Our choices (the paper body could not be
     read; spec §6 "suggested defaults"): the parabolic schedule of BBN (linear and step
     selectable) over optimiser steps t of T; τ = 0.1; g = Linear(E→E) + ReLU + Linear(E→128) with
-    L2 normalisation; the classifier uses b; SupCon averaged over the anchors that have a
-    positive; batches of ≥ 8 bags with ≥ 2 per class from a class-balanced sampler
+    L2 normalisation; the classifier uses b; SupCon normalised as the reference implementation
+    (``milkit.models.layers.supcon.supcon_loss`` with ``normalization="reference"``; its
+    ``"paper"`` form averages over the anchors that have a positive, without τ/0.07); batches of ≥ 8 bags with ≥ 2 per class from a class-balanced sampler
     (``training_preset``). When a batch has no positive pair (B = 1, or all labels distinct) the
     SupCon term is skipped and the loss is the base loss alone (weight 1, not 1 − β), logged as
     ``supcon_skipped = 1``. The base's own loss (``base.training_loss``: CE plus its auxiliary
