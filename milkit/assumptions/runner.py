@@ -424,6 +424,39 @@ def run_checks(
     return results
 
 
+# Bags in the calibration draw of ``estimate_fit_seconds``: small enough to cost about a
+# second for the small models, large enough that per-bag work dominates the fixed costs.
+CALIBRATION_BAGS = 32
+
+
+def estimate_fit_seconds(
+    model: str | Candidate, cfg: CheckConfig, *, calibration_bags: int = CALIBRATION_BAGS
+) -> float:
+    """Upper estimate of one fit's wall time (seconds) under ``cfg``, from real calibration fits.
+
+    Trains ``model`` (the same trainer, batch size and overrides as a check) on a
+    ``calibration_bags``-bag draw of the first configured test for 1 epoch (discarded: it
+    absorbs one-time costs such as lazy imports), 1 epoch and 3 epochs; the difference gives
+    the time per epoch, the rest the per-fit cost (building, scoring), and both are scaled to
+    ``cfg.num_train`` bags and ``cfg.epochs`` epochs. An upper estimate: early stopping
+    (``cfg.patience``) usually ends a fit sooner. Costs five short epochs per model.
+    """
+    n = max(2, min(calibration_bags, cfg.num_train))
+    overrides = None
+    walls = []
+    for epochs in (1, 1, 3):
+        small = CheckConfig(**{**asdict(cfg), "num_train": n, "num_test": n, "epochs": epochs,
+                               "patience": None, "seeds": (0,)})  # fmt: skip
+        if overrides is None:
+            overrides = {} if isinstance(model, Candidate) else check_overrides(model, small)
+        task = make_task(small.tests[0], 0, num_train=n, num_test=n, dim=small.dim,
+                         **small.task_params)  # fmt: skip
+        walls.append(train_and_score(model, task, small, overrides).wall_s)
+    per_epoch = max(walls[2] - walls[1], 0.0) / 2
+    per_fit = max(walls[1] - per_epoch, 0.0)
+    return (per_fit + per_epoch * cfg.epochs) * (cfg.num_train / n)
+
+
 def _progress(total: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 

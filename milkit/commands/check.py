@@ -56,6 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("assumption_checks"),
                    help="report folder (default ./assumption_checks)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-estimate", action="store_true",
+                   help="skip the up-front time estimate (one 2-epoch calibration fit per model)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -104,6 +106,45 @@ def _config(args: argparse.Namespace) -> Any:
     )
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def plan_message(names: list[str], cfg: Any) -> str:
+    """What the run will do and about how long it takes, said before it starts.
+
+    The time is an upper estimate from one short calibration fit per model
+    (``estimate_fit_seconds``); a model whose calibration crashes is named and not counted.
+    """
+    from milkit.assumptions.runner import estimate_fit_seconds
+
+    per_model = len(cfg.tests) * len(cfg.seeds)
+    fits = len(names) * per_model
+    head = (
+        f"milkit check: {len(names)} model(s) × {len(cfg.tests)} test(s) × {len(cfg.seeds)} "
+        f"seed(s) = {fits} fits of ≤ {cfg.epochs} epochs on {cfg.num_train} bags"
+    )
+    each, failed = {}, []
+    for name in names:
+        try:
+            each[name] = estimate_fit_seconds(name, cfg) * per_model
+        except Exception:  # the real run reports the crash with its message
+            failed.append(name)
+    total = sum(each.values())
+    slowest = sorted(each.items(), key=lambda kv: -kv[1])[:3]
+    detail = ", ".join(f"{n} {_duration(t)}" for n, t in slowest)
+    text = (
+        f"{head}; about {_duration(total)} at most ({detail}; early stopping usually ends sooner)"
+    )
+    if failed:
+        text += f"; no estimate for {', '.join(failed)} (calibration failed)"
+    return text
+
+
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -122,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
                 properties.append(check_properties(model, name=name, seed=0).to_dict())
             except Exception as err:  # a model that cannot even be built is reported, not fatal
                 print(f"milkit check: {name}: property checks skipped: {err}", file=sys.stderr)
+    if not args.no_estimate:
+        print(plan_message(names, cfg), file=sys.stderr, flush=True)
     results = run_checks(names, cfg, progress=not args.quiet)
     config = {
         k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()

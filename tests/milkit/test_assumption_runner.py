@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -226,3 +228,41 @@ def test_cli_check_rejects_unknown_model_and_empty_selection(capsys) -> None:
     assert "mi-nett" in err and "mi-net" in err
     assert cli.main(["check"]) == 2
     assert "--all" in capsys.readouterr().err
+
+
+def test_check_says_up_front_how_many_fits_and_about_how_long(
+    monkeypatch, capsys, tmp_path
+) -> None:
+    """`milkit check` prints the fit count and a time estimate before training anything; the
+    estimate scales with bags × epochs from one calibration fit, and a model whose calibration
+    crashes is named instead of silently counted as free."""
+    from milkit import cli
+    from milkit.assumptions import runner
+    from milkit.commands.check import plan_message
+
+    calls = []
+
+    def fake_train(model, task, cfg, overrides):  # 1 s per fit + 2 s per epoch (32 bags)
+        calls.append((model, len(task.train), cfg.epochs))
+        if model == "transmil":
+            raise RuntimeError("boom")
+        return SimpleNamespace(wall_s=1.0 + 2.0 * cfg.epochs + (30.0 if len(calls) == 1 else 0))
+
+    monkeypatch.setattr(runner, "train_and_score", fake_train)
+    cfg = runner.CheckConfig(tests=("t1", "t2"), seeds=(0, 1, 2), num_train=320, epochs=10)
+    text = plan_message(["abmil", "mi-net", "transmil"], cfg)
+    assert "3 model(s) × 2 test(s) × 3 seed(s) = 18 fits of ≤ 10 epochs on 320 bags" in text
+    # the first (warm-up) fit's extra 30 s is discarded; per fit (1 + 2 × 10) s × 320 / 32 bags
+    # = 210 s, 6 fits per model: 21 min each, 42 min for the two models that calibrated
+    assert "about 42 min at most" in text and "abmil 21 min" in text and "mi-net 21 min" in text
+    assert "no estimate for transmil" in text
+    assert calls[:3] == [("abmil", 32, 1), ("abmil", 32, 1),
+                                                    ("abmil", 32, 3)]  # fmt: skip
+
+    monkeypatch.setattr(runner, "run_checks", lambda names, cfg, progress: [])
+    cli.main(["check", "--model", "mi-net", "--tests", "t1", "--seeds", "1", "--no-properties",
+              "--quiet", "--out", str(tmp_path / "a")])  # fmt: skip
+    assert "1 model(s) × 1 test(s) × 1 seed(s) = 1 fits" in capsys.readouterr().err
+    cli.main(["check", "--model", "mi-net", "--tests", "t1", "--seeds", "1", "--no-properties",
+              "--quiet", "--no-estimate", "--out", str(tmp_path / "b")])  # fmt: skip
+    assert "fits of" not in capsys.readouterr().err
