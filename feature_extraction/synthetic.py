@@ -145,7 +145,8 @@ def _ink_layout(
     ink = np.zeros(shape, dtype=np.uint8)
     for stroke in strokes:
         pts = np.round((np.asarray(stroke.points, dtype=np.float64) + 0.5) / ds - 0.5)
-        thickness = max(1, round(stroke.width_um / (mpp * ds)))
+        # OpenCV draws a LINE_8 polyline of thickness t ≥ 2 about t + 2 pixels wide
+        thickness = max(1, round(stroke.width_um / (mpp * ds)) - 2)
         label = 1 + PEN_COLOURS.index(stroke.colour)
         poly = pts.astype(np.int32).reshape(-1, 1, 2)
         if len(poly) == 1:
