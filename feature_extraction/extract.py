@@ -912,8 +912,19 @@ def _resume(
     """
     from milkit.bags import read_bag_header
 
-    header = read_bag_header(bag_path)
-    old, legacy = bag_recipe(header)
+    try:
+        header = read_bag_header(bag_path)
+        old, legacy = bag_recipe(header)
+    except (MilkitError, ValueError, TypeError) as err:  # e.g. a hand-edited recipe attribute
+        result.error = str(
+            MilkitError(
+                f"existing bag cannot be compared with this run's settings ({err})",
+                path=bag_path,
+                hint="Pass --overwrite to redo it, or write to another --out folder",
+            )
+        )
+        _record(out_dir, summary, result)
+        return
     diffs = recipe_differences(old, recipe, legacy=legacy)
     if diffs:
         result.error = str(

@@ -199,3 +199,14 @@ def test_differences_are_exactly_the_changed_settings(a, b):
     assert names - {"tissue"} == changed
     assert ("tissue" in names) == (a["tissue_preset"] != b["tissue_preset"])
     assert recipe_differences(ra, ra) == []
+
+
+def test_unreadable_recorded_recipe_fails_that_slide_only(bags, slides_dir):
+    with h5py.File(bags / f"{CMU}.h5", "a") as f:
+        f.attrs["recipe"] = "{not json"
+    slides = [slides_dir / f"{CMU}.svs", slides_dir / "synthetic/small.svs"]
+    summary = preprocess(slides, bags, ExtractConfig(**FAST))
+    status = {r.slide_id: r for r in summary.results}
+    assert status["small"].status == "empty"  # the run went on
+    assert status[CMU].status == "failed" and "cannot be compared" in status[CMU].error
+    assert "--overwrite" in status[CMU].error
