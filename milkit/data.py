@@ -306,10 +306,12 @@ def load_labels(
     csv_path = Path(csv_path)
     bags_dir = Path(bags_dir)
     frame = _read_labels_csv(csv_path, slide_column, label_column, case_column)
-    if not bags_dir.is_dir():
-        raise MilkitError("bags folder not found", path=bags_dir)
+    from milkit.bag_folders import missing_bags_hint, resolve_bag_folder
+
+    folder = resolve_bag_folder(bags_dir)  # also a TRIDENT job/tiling or CLAM feature folder
+    bags_dir = folder.path
     problems: dict[str, list[str]] = {}
-    notes: list[str] = []
+    notes: list[str] = [folder.note] if folder.note else []
 
     def report(kind: str, entry: str) -> None:
         problems.setdefault(kind, []).append(entry)
@@ -436,6 +438,9 @@ def load_labels(
         hint = f"Fix the CSV or the bags in {bags_dir} and rerun; nothing was trained"
         if any(k in problems for k in SKIPPABLE):
             hint += " (--skip-missing leaves out slides without a usable bag and lists them)"
+        if MISSING_BAG in problems:
+            missing = [sid for sid, (kind, _) in bag_problems.items() if kind == MISSING_BAG]
+            hint += "; " + missing_bags_hint(bags_dir, missing)
         if MIXED_SPECS in problems:
             hint += (
                 "; re-extract the odd bags with one encoder and tile spec (milkit info BAG "

@@ -231,6 +231,9 @@ def export_bags(
     """
     if target not in EXPORT_TARGETS:
         raise MilkitError(f"export target must be one of {list(EXPORT_TARGETS)}", value=target)
+    from milkit.bag_folders import resolve_bag_folder
+
+    bags_dir = resolve_bag_folder(bags_dir).path  # also a TRIDENT/CLAM tree
     bags = list_bags(bags_dir)
     if not bags:
         raise MilkitError("no bags (*.h5, *.hdf5, *.pt) in folder", path=bags_dir)

@@ -48,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from milkit.bag_folders import bag_folder_for_cli
     from milkit.errors import MilkitError
     from milkit.interop import export_bags, write_clam_splits
     from milkit.splits import load_splits
@@ -57,6 +58,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.encoder is not None and args.to != "trident":
         raise MilkitError("--encoder applies to --to trident only", value=args.to)
     splits = load_splits(args.splits) if args.splits is not None else None  # fail early
+    args.bags = bag_folder_for_cli(args.bags, "milkit export", flag="")  # TRIDENT/CLAM trees too
     result = export_bags(args.bags, args.out, args.to, copy=args.copy, encoder=args.encoder)
     if splits is not None:
         files = write_clam_splits(splits, args.out / "splits")

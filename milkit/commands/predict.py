@@ -96,12 +96,14 @@ def run_command(args: argparse.Namespace) -> int:
     import sys
 
     from milkit.atomic import atomic_path
+    from milkit.bag_folders import bag_folder_for_cli
     from milkit.bags import list_bags, read_bag_header
     from milkit.cv import load_run
     from milkit.data import BagDataset, load_labels
     from milkit.errors import MilkitError
     from milkit.provenance import bag_spec, check_against_run, spec_from_run
 
+    args.bags = bag_folder_for_cli(args.bags, "milkit predict")  # TRIDENT/CLAM trees too
     info = load_run(args.run)
     names = [str(c) for c in info["class_names"]]
     if args.labels is not None:

@@ -50,6 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from milkit.bag_folders import bag_folder_for_cli
     from milkit.errors import MilkitError
     from milkit.report.run_report import build_run_report
 
@@ -58,6 +59,8 @@ def run_command(args: argparse.Namespace) -> int:
             raise MilkitError(f"--{name.replace('_', '-')} must be >= 0", value=getattr(args, name))
     if args.slides is not None and not args.slides.exists():
         raise MilkitError("slides folder not found", path=args.slides)
+    if args.bags is not None:  # TRIDENT/CLAM trees too
+        args.bags = bag_folder_for_cli(args.bags, "milkit report")
     report = build_run_report(
         args.run,
         args.out,

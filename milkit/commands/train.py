@@ -156,11 +156,13 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from milkit.bag_folders import bag_folder_for_cli
     from milkit.cv import build_model, cross_validate, format_summary
     from milkit.data import load_labels
     from milkit.distributed import cleanup_distributed, env_world_size
     from milkit.splits import load_splits, make_cv_splits
 
+    args.bags = bag_folder_for_cli(args.bags, "milkit train")  # TRIDENT/CLAM trees too
     model_kwargs = parse_model_args(args.model_arg)
     config = config_from_args(args)
     table = load_labels(args.labels, args.bags, label_column=args.label_column,

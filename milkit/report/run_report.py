@@ -588,6 +588,9 @@ def _attention_section(
         raise MilkitError(
             "bags folder of the run not found", path=bags_root, hint="Pass --bags DIR"
         )
+    from milkit.bag_folders import resolve_bag_folder
+
+    bags_root = resolve_bag_folder(bags_root).path  # a TRIDENT/CLAM tree named in run.json
     slides = {slide_id_of(p): p for p in discover_slides([slides_dir])}
     tested = set(preds.frame["slide_id"])
     bag_paths = {s: find_bag(bags_root, s) for s in tested}
