@@ -2,9 +2,10 @@
 
 Each encoder family registers a builder ``fn(cfg, weights_path | None) -> nn.Module`` whose
 module maps a normalised float batch (B, 3, S, S) to features (B, D). :func:`create_encoder`
-resolves the weights (``--weights FILE`` or the Hugging Face cache, offline only), builds the
-module and wraps it in :class:`PatchEncoder`, which turns uint8 tile batches into features with
-batched tensor ops (resize, normalise, channels_last) under the requested autocast precision.
+resolves the weights (``--weights FILE``, the Hugging Face cache or torch hub's checkpoints,
+offline only), builds the module and wraps it in :class:`PatchEncoder`, which turns uint8 tile
+batches into features with batched tensor ops (resize, normalise, channels_last) under the
+requested autocast precision.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import difflib
 import fnmatch
 import hashlib
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from milkit.errors import MilkitError
+from milkit.errors import MilkitError, one_line, refused_global
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision/timm ImageNet constants
@@ -111,9 +113,17 @@ def get_encoder_cfg(name: str) -> EncoderCfg:
 
 
 def resolve_weights(cfg: EncoderCfg, weights: str | os.PathLike[str] | None) -> Path | None:
-    """Local weight file for ``cfg``: ``weights`` if given, else the Hugging Face cache.
+    """Local weight file for ``cfg``: ``weights`` if given, else the Hugging Face cache, else
+    (encoders that declare ``extra["torch_hub_files"]``) torch hub's checkpoint folder.
 
-    Never touches the network: the cache is looked up with ``try_to_load_from_cache``.
+    Never touches the network: the Hugging Face cache is looked up with
+    ``try_to_load_from_cache`` (``HF_HUB_CACHE``, default ``$HF_HOME/hub``), torch hub's folder is
+    ``torch.hub.get_dir()/checkpoints`` (``$TORCH_HOME/hub/checkpoints``, where torchvision's
+    ``resnet50(weights=...)`` and CLAM's ``model_zoo.load_url`` put their downloads).
+
+    Raises:
+        MilkitError: ``weights`` is not a file, or no weights were found; the message lists every
+            place searched (and files seen there but not used, with the reason).
     """
     if not cfg.weights_required:
         if weights is not None:
@@ -131,39 +141,73 @@ def resolve_weights(cfg: EncoderCfg, weights: str | os.PathLike[str] | None) -> 
                 hint=_download_hint(cfg),
             )
         return path
-    cached = _hf_cached_file(cfg)
-    if cached is not None:
-        return cached
+    searched: list[str] = []
+    found = _hf_cached_file(cfg, searched) or _torch_hub_file(cfg, searched)
+    if found is not None:
+        return found
     raise MilkitError(
-        f"no weights found for encoder {cfg.name!r} "
-        f"(looked for {cfg.hub_id}/{cfg.weights_file} in the Hugging Face cache)",
+        f"no weights found for encoder {cfg.name!r}; looked in: " + "; ".join(searched),
         hint=_download_hint(cfg),
     )
 
 
 def _download_hint(cfg: EncoderCfg) -> str:
     gated = " (gated: accept the licence on the model page first)" if "gated" in cfg.license else ""
-    return (
+    hint = (
         f"Pass --weights FILE, or download it once{gated} with "
         f"`huggingface-cli download {cfg.hub_id} {cfg.weights_file}` and rerun (milkit reads the "
         "cache offline, HF_HUB_OFFLINE=1 is fine)"
     )
+    if cfg.extra.get("torch_hub_download"):
+        hint += f", or fill torch hub's cache with `{cfg.extra['torch_hub_download']}`"
+    return hint
 
 
-def _hf_cached_file(cfg: EncoderCfg) -> Path | None:
+def _hf_cached_file(cfg: EncoderCfg, searched: list[str]) -> Path | None:
+    """The weight file in the Hugging Face cache (offline lookup); records what was searched."""
     if not cfg.hub_id or not cfg.weights_file:
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # optional dependency ([hub] extra)
         return None
     repos = [cfg.hub_id, *cfg.extra.get("alt_hub_ids", ())]  # the cache folder keeps the case
     names = [cfg.weights_file, *cfg.extra.get("alt_weights_files", ())]
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:  # a base dependency; a broken install must not pass for "searched"
+        searched.append(
+            "the Hugging Face cache was NOT searched: huggingface_hub is not installed "
+            "(pip install huggingface_hub)"
+        )
+        return None
+    files = ", ".join(f"{r}/{n}" for r in repos for n in names)
+    searched.append(f"the Hugging Face cache {constants.HF_HUB_CACHE} for {files}")
     for repo in repos:
         for fname in names:
             found = try_to_load_from_cache(repo_id=repo, filename=fname)
             if isinstance(found, str) and os.path.isfile(found):
                 return Path(found)
+    return None
+
+
+def _torch_hub_file(cfg: EncoderCfg, searched: list[str]) -> Path | None:
+    """A file of ``cfg.extra["torch_hub_files"]`` in ``torch.hub.get_dir()/checkpoints``.
+
+    Other files matching ``cfg.extra["torch_hub_pattern"]`` there are not used (e.g.
+    torchvision's ImageNet V2 ResNet-50, other weights than CLAM's); they are named in
+    ``searched`` with the reason, so that the error says why they were passed over.
+    """
+    wanted: tuple[str, ...] = tuple(cfg.extra.get("torch_hub_files", ()))
+    if not wanted:
+        return None
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    searched.append(f"torch hub's checkpoints {folder} for {', '.join(wanted)}")
+    for name in wanted:
+        if (folder / name).is_file():
+            return folder / name
+    pattern = cfg.extra.get("torch_hub_pattern")
+    others = sorted(folder.glob(pattern)) if pattern and folder.is_dir() else []
+    known: dict[str, str] = dict(cfg.extra.get("torch_hub_not_used", {}))
+    for other in others:
+        why = known.get(other.name, "not a known file of these weights")
+        searched.append(f"{other} found but not used ({why}; pass --weights to use it anyway)")
     return None
 
 
@@ -189,12 +233,21 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             sd: Any = load_file(str(path), device="cpu")
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any decode failure is a user-facing bad file
+    except pickle.UnpicklingError as err:  # weights_only refused a global: name it, one line
+        what = refused_global(err)
         raise MilkitError(
-            f"cannot read weights file ({type(err).__name__}: {err})",
+            "refusing to load weights file: it holds Python objects other than tensors and plain "
+            f"values{f' ({what})' if what else ''} (loading it could run code)",
+            path=path,
+            hint="Only load files you trust; re-save the weights as a state_dict "
+            "(torch.save(model.state_dict(), ...)) or a .safetensors file",
+        ) from None
+    except Exception as err:  # any other decode failure is a user-facing bad file
+        raise MilkitError(
+            f"cannot read weights file ({type(err).__name__}: {one_line(str(err), limit=200)})",
             path=path,
             hint="Pass a PyTorch state_dict (.bin/.pth/.pt) or a .safetensors file",
-        ) from err
+        ) from None
     for key in ("state_dict", "model", "teacher"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

@@ -4,7 +4,9 @@ The CLAM default patch encoder (Lu et al., "Data-efficient and weakly supervised
 pathology on whole-slide images", Nat. Biomed. Eng. 2021; github.com/mahmoodlab/CLAM,
 ``models/resnet_custom.py`` / ``models/builder.py``): timm ``resnet50.tv_in1k`` (He et al.,
 "Deep Residual Learning for Image Recognition", CVPR 2016, torchvision weights), features of
-``layer3`` (B, 1024, 14, 14) averaged to (B, 1024).
+``layer3`` (B, 1024, 14, 14) averaged to (B, 1024). Weights: ``--weights FILE``, the Hugging
+Face cache (``timm/resnet50.tv_in1k``), or torchvision's own ImageNet V1 file in torch hub's
+checkpoints (``resnet50-0676ba61.pth``, or ``resnet50-19c8e357.pth`` that CLAM downloads).
 """
 
 from __future__ import annotations
@@ -30,7 +32,19 @@ RESNET50_TRUNC = EncoderCfg(
     license="BSD-3-Clause (torchvision ImageNet weights)",
     paper="He et al., CVPR 2016; truncation: Lu et al. (CLAM), Nat. Biomed. Eng. 2021",
     description="ImageNet ResNet-50 truncated after layer3 + avg-pool (CLAM default), 1024-d",
-    extra={"alt_weights_files": ("pytorch_model.bin",)},
+    extra={
+        "alt_weights_files": ("pytorch_model.bin",),
+        # torchvision's IMAGENET1K_V1 file (= timm's tv_in1k), as torchvision >= 0.13 names it,
+        # and the older URL CLAM's models/resnet_custom.py loads (model_zoo.load_url): the same
+        # weights, same keys as timm's resnet50.
+        "torch_hub_files": ("resnet50-0676ba61.pth", "resnet50-19c8e357.pth"),
+        "torch_hub_pattern": "resnet50-*.pth",
+        "torch_hub_not_used": {
+            "resnet50-11ad3fa6.pth": "torchvision's IMAGENET1K_V2 weights; CLAM uses V1",
+        },
+        "torch_hub_download": 'python -c "import torchvision; '
+        "torchvision.models.resnet50(weights='IMAGENET1K_V1')\"",
+    },
 )
 
 
@@ -67,6 +81,11 @@ def build_resnet50_trunc(cfg: EncoderCfg, weights: Path | None) -> nn.Module:
     backbone = build_resnet50_backbone()
     if weights is not None:
         sd = load_state_dict(weights)
+        # torchvision's files use timm's key names; the 2017 file CLAM downloads predates the
+        # BatchNorm ``num_batches_tracked`` buffer (a step counter, unused in eval): keep ours.
+        for key, value in backbone.state_dict().items():
+            if key.endswith(".num_batches_tracked") and key not in sd:
+                sd[key] = value
         skip = ("layer4.", "fc.")
         load_strict(backbone, sd, weights, encoder=cfg.name, ignore_missing=skip)
     return ResNet50Trunc(backbone)
