@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from milkit.assumptions.generators import TEST_TITLES
-from milkit.assumptions.runner import FAIL, PASS, TestResult
+from milkit.assumptions.runner import DID_NOT_LEARN, ERROR, FAIL, PASS, TestResult
 from milkit.atomic import atomic_path, atomic_write_text
 
 COLUMNS = (
@@ -108,40 +108,83 @@ def text_table(results: Sequence[TestResult]) -> str:
     return out.getvalue()
 
 
-def plot_results(results: Sequence[TestResult], out_png: str | Path, delta: float = 0.1) -> None:
-    """Grouped bars of mean test AUC with CI whiskers per model and test; chance and FAIL lines."""
+VERDICT_COLOURS = {PASS: "#2a9d8f", FAIL: "#e63946"}  # the rest (DID NOT LEARN, ERROR): grey
+OTHER_COLOUR = "#adb5bd"
+TITLE = "MIL assumption checks: mean test AUC over seeds (whiskers: bootstrap 95% CI)"
+
+
+def results_figure(results: Sequence[TestResult], delta: float = 0.1) -> Any:
+    """The chart of ``plot_results`` as a matplotlib ``Figure`` (constrained layout, not saved).
+
+    One group of bars per model, one bar per test, coloured by verdict, labelled with the test
+    and its AUC. Every result gets a marker at its AUC, so a test AUC of 0 is seen (a bar of
+    height 0 is not), and a result without an AUC (error, no finite AUC) gets a grey ``x`` and
+    ``n/a``. The legend (verdict colours, chance and FAIL lines) sits below the axes, off the bars.
+    Artists of one result carry ``gid`` ``"<model>/<test>"``.
+    """
+    import textwrap
+
     import numpy as np
     from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     models, tests, cells = _grid(results)
-    fig = Figure(figsize=(max(6.0, 0.9 * len(models) * len(tests) ** 0.5 + 3), 4.5))
+    width_in = max(6.0, 0.9 * len(models) * len(tests) ** 0.5 + 3)
+    fig = Figure(figsize=(width_in, 5.0), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / max(len(tests), 1)
-    colours = {PASS: "#2a9d8f", FAIL: "#e63946"}
     for j, t in enumerate(tests):
-        xs, ys, lo, hi, cs = [], [], [], [], []
         for i, m in enumerate(models):
             r = cells.get((m, t))
-            if r is None or not math.isfinite(r.test_auc):
+            if r is None:
                 continue
-            xs.append(i + (j - (len(tests) - 1) / 2) * width)
-            ys.append(r.test_auc)
-            lo.append(max(r.test_auc - r.ci_low, 0) if math.isfinite(r.ci_low) else 0)
-            hi.append(max(r.ci_high - r.test_auc, 0) if math.isfinite(r.ci_high) else 0)
-            cs.append(colours.get(r.verdict, "#adb5bd"))
-        bars = ax.bar(xs, ys, width * 0.9, color=cs, edgecolor="black", linewidth=0.4)
-        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="none", ecolor="black", capsize=2, lw=0.8)
-        for x, bar in zip(xs, bars):
-            ax.text(x, bar.get_height() + 0.02, t.upper(), ha="center", fontsize=6)
-    ax.axhline(0.5, color="grey", ls="--", lw=0.8, label="chance")
-    ax.axhline(0.5 - delta, color="#e63946", ls=":", lw=0.8, label="FAIL below")
+            x = i + (j - (len(tests) - 1) / 2) * width
+            gid = f"{m}/{t}"
+            if not math.isfinite(r.test_auc):  # no AUC: say so where the bar would be
+                ax.plot([x], [0.0], marker="x", color="#6c757d", ms=7, mew=1.5, gid=gid)
+                ax.text(x, 0.04, f"{t.upper()}\nn/a", ha="center", va="bottom", fontsize=7)
+                continue
+            colour = VERDICT_COLOURS.get(r.verdict, OTHER_COLOUR)
+            ax.bar([x], [r.test_auc], width * 0.9, color=colour, edgecolor="black",
+                   linewidth=0.4, gid=gid)  # fmt: skip
+            lo = max(r.test_auc - r.ci_low, 0) if math.isfinite(r.ci_low) else 0
+            hi = max(r.ci_high - r.test_auc, 0) if math.isfinite(r.ci_high) else 0
+            ax.errorbar([x], [r.test_auc], yerr=[[lo], [hi]], fmt="none", ecolor="black",
+                        capsize=2, lw=0.8)  # fmt: skip
+            # the marker makes an AUC of 0 visible (the y axis starts below 0 for it)
+            ax.plot([x], [r.test_auc], marker="D", ms=5, color=colour, mec="black", mew=0.6,
+                    gid=gid, zorder=3)  # fmt: skip
+            ax.text(x, r.test_auc + hi + 0.02, f"{t.upper()}\n{r.test_auc:.2f}", ha="center",
+                    va="bottom", fontsize=7)  # fmt: skip
+    ax.axhline(0.5, color="grey", ls="--", lw=0.8)
+    ax.axhline(0.5 - delta, color="#e63946", ls=":", lw=0.8)
     ax.set_xticks(np.arange(len(models)))
-    ax.set_xticklabels(models, rotation=35, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.08)
+    tilt = len(models) > 2  # long names side by side would run into each other
+    ax.set_xticklabels(models, rotation=35 if tilt else 0, ha="right" if tilt else "center",
+                       fontsize=8)  # fmt: skip
+    ax.set_xlim(-0.6, len(models) - 0.4)
+    ax.set_ylim(-0.06, 1.2)  # room below 0 for the AUC=0 marker, above 1 for the labels
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("test AUC (shifted draw)")
-    ax.set_title("MIL assumption checks (green PASS, red FAIL, grey DID NOT LEARN / ERROR)")
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
+    per_line = max(30, int(width_in * 72 / (0.62 * 11)))  # characters of an 11-pt title
+    ax.set_title("\n".join(textwrap.wrap(TITLE, per_line)), fontsize=11)
+    handles = [
+        Patch(facecolor=VERDICT_COLOURS[PASS], edgecolor="black", label=PASS),
+        Patch(facecolor=VERDICT_COLOURS[FAIL], edgecolor="black", label=FAIL),
+        Patch(facecolor=OTHER_COLOUR, edgecolor="black", label=f"{DID_NOT_LEARN} / {ERROR}"),
+        Line2D([], [], color="#6c757d", marker="x", ls="", label="no AUC (n/a)"),
+        Line2D([], [], color="grey", ls="--", lw=0.8, label="chance (0.5)"),
+        Line2D([], [], color="#e63946", ls=":", lw=0.8, label=f"FAIL below {0.5 - delta:g}"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3 if width_in < 9 else 6,
+               fontsize=8, frameon=False)  # fmt: skip
+    return fig
+
+
+def plot_results(results: Sequence[TestResult], out_png: str | Path, delta: float = 0.1) -> None:
+    """Write ``results_figure`` as a PNG (120 dpi, atomic)."""
+    fig = results_figure(results, delta)
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
 
