@@ -299,10 +299,16 @@ def _hue_range(hsv: np.ndarray, lo_deg: float, hi_deg: float, min_sat: int) -> n
 
 
 def _textureless(
-    value: np.ndarray, candidates: np.ndarray, max_value: int, k: int, max_std: float
+    value: np.ndarray,
+    candidates: np.ndarray,
+    max_value: int,
+    k: int,
+    max_std: float,
+    min_value: int = 0,
 ) -> np.ndarray:
-    """uint8 0/255: connected regions of ``candidates`` that are mostly (≥ half) textureless and
-    mostly (≥ half) at or below ``max_value``.
+    """uint8 0/255: connected regions of ``candidates`` that are mostly (≥ half) textureless,
+    mostly at or below ``max_value`` and not mostly below ``min_value`` (pitch-black scanner
+    borders).
 
     A candidate pixel is textureless when the std of ``value`` over the non-glass pixels
     (value < :data:`_GLASS_VALUE`) of the k × k box around it is ≤ ``max_std``: glass beside a
@@ -330,8 +336,9 @@ def _textureless(
     n, labels = cv2.connectedComponents(region, connectivity=8)
     smooth = np.bincount(labels[smooth_px], minlength=n)
     dark = np.bincount(labels[value[y0:y1, x0:x1] <= max_value], minlength=n)
+    pitch = np.bincount(labels[value[y0:y1, x0:x1] < min_value], minlength=n)
     total = np.bincount(labels.ravel(), minlength=n)
-    keep = (2 * smooth >= total) & (2 * dark >= total)
+    keep = (2 * smooth >= total) & (2 * dark >= total) & (2 * pitch < total)
     keep[0] = False
     out[y0:y1, x0:x1] = keep[labels].view(np.uint8) * np.uint8(255)
     return out
@@ -371,14 +378,22 @@ def find_pen_ink(hsv: np.ndarray, mpp: float, params: TissueParams) -> np.ndarra
         cv2.bitwise_or(ink, _hue_range(hsv, 0, hi, _RED_MIN_SATURATION), dst=ink)
     if "black" in params.pen_ink:
         # candidates: near-neutral and dark, with headroom for the lighter streaks of a stroke
-        # (_BLACK_STREAK_HEADROOM); a region must still be mostly at or below black_ink_value
+        # (_BLACK_STREAK_HEADROOM); a region must still be mostly at or below black_ink_value,
+        # and not mostly below black_value / 2 (pitch-black scanner borders, never tissue anyway)
         top = min(255, int(params.black_ink_value) + _BLACK_STREAK_HEADROOM)
         dark = cv2.inRange(hsv, (0, 0, 0), (180, int(params.black_ink_max_saturation), top))
         # fewer dark pixels than one ink region needs: no black ink (skips the texture pass)
         if cv2.countNonZero(dark) >= min_px:
             k = max(3, _odd_kernel(params.pen_texture_um, mpp))
             value = np.ascontiguousarray(hsv[..., 2])
-            black = _textureless(value, dark, params.black_ink_value, k, params.black_ink_std)
+            black = _textureless(
+                value,
+                dark,
+                params.black_ink_value,
+                k,
+                params.black_ink_std,
+                min_value=params.black_value // 2,
+            )
             cv2.bitwise_or(ink, black, dst=ink)
     if cv2.countNonZero(ink) < min_px:
         return None

@@ -181,6 +181,15 @@ def test_red_ink_is_opt_in_and_small_specks_are_left_alone() -> None:
     assert found is not None and found.sum() == 64
 
 
+def test_scanner_black_borders_are_not_reported_as_ink() -> None:
+    img = np.empty((200, 200, 3), dtype=np.uint8)
+    img[:] = GLASS
+    img[:, :40] = 3  # out-of-scan area: never tissue (black_value), and not pen ink either
+    img[60:140, 80:160] = (225, 150, 200)
+    mask, _, ink = segment_rgb_with_ink(img, 8.0)
+    assert ink is None and not mask[:, :40].any() and mask[70:130, 90:150].all()
+
+
 def test_ink_over_tissue_is_cut_out_tissue_on_both_sides_kept() -> None:
     img = np.empty((200, 200, 3), dtype=np.uint8)
     img[:] = GLASS
