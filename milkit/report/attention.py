@@ -240,7 +240,7 @@ def tumour_heatmap(
         normalize="none",
         vmin=LOG_FLOOR,
         vmax=0.0,
-        label="log10(attn)",
+        label=label,  # instance scores are not attention: say which
     )
     masks = load_synthetic_masks(slide_path)
     return outline_mask(out_png, masks.tumour_mask, masks.mask_downsample, dims, thumb.shape[:2])

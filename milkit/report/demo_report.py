@@ -224,7 +224,7 @@ def attention_section(
                 "a tumour to find"
             )
         )
-        figs.append(Figure(f"img/{png.name}", caption, width=520))
+        figs.append(Figure(f"img/{png.name}", caption, wide=True))  # readable: full width
     if figs:
         blocks.append(Figures(figs))
     return blocks, per_slide, shown, what
@@ -354,7 +354,7 @@ def build_report(
                 Figure(
                     f"img/qc_{sid}.png",
                     f"{sid}: tissue outline (green, holes blue) and the tiles kept (red)",
-                    width=340,
+                    wide=True,  # its header text is 1/60 of the image: readable only when large
                 )
             )
         doc.add(Heading("Preprocessing QC"), Figures(figs))
@@ -369,7 +369,7 @@ def build_report(
     if tests and check_png.is_file():
         shutil.copyfile(check_png, img_dir / "checks.png")
         caption = "Test AUC per assumption test (full report: `check/report.md`)"
-        doc.add(Figures([Figure("img/checks.png", caption, width=520)]))
+        doc.add(Figures([Figure("img/checks.png", caption, wide=True)]))
 
     doc.add(Heading("Files"))
     doc.add(

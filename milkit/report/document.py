@@ -29,6 +29,9 @@ tr.emph td { font-weight: bold; background: #fafafa; }
 figure { margin: 0; max-width: 100%; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: .85em; color: #555; max-width: 520px; }
+figure.wide { flex: 1 1 100%; }
+figure.wide img { width: auto; height: auto; max-height: 85vh; }
+figure.wide figcaption { max-width: none; }
 .note { color: #555; font-size: .9em; }
 code { background: #f4f4f4; padding: 0 .25em; }
 .pass { color: #17702a; font-weight: bold; }
@@ -64,9 +67,13 @@ class Table:
 
 @dataclass
 class Figure:
+    """An image; ``wide`` ones get a row of their own, shown at their own pixel size up to the
+    page width (heatmaps, charts with text: a small copy of a large image has unreadable text)."""
+
     src: str  # path relative to the report folder, POSIX separators
     caption: str
     width: int | None = None  # display width in px (HTML only)
+    wide: bool = False
 
 
 @dataclass
@@ -158,8 +165,9 @@ def to_html(doc: Document) -> str:
             for fig in block.items:
                 width = f' width="{int(fig.width)}"' if fig.width else ""
                 src = html.escape(fig.src, quote=True)
+                cls = ' class="wide"' if fig.wide else ""
                 figs.append(
-                    f'<figure><a href="{src}"><img src="{src}"{width} '
+                    f'<figure{cls}><a href="{src}"><img src="{src}"{width} '
                     f'alt="{html.escape(fig.caption.replace("`", ""), quote=True)}"></a>'
                     f"<figcaption>{_inline(fig.caption)}</figcaption></figure>"
                 )

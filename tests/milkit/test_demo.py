@@ -100,6 +100,69 @@ def test_report_links_only_existing_images(tiny_demo) -> None:
     assert sorted(md_links) == sorted(srcs)
 
 
+_SIZES_SCRIPT = """<script>
+window.addEventListener("load", () => {
+  const sizes = Array.from(document.images).map(
+    i => [i.getAttribute("src"), i.clientWidth, i.naturalWidth, i.naturalHeight]);
+  document.body.setAttribute("data-sizes", JSON.stringify(sizes));
+});
+</script>"""
+
+
+@pytest.mark.slow
+def test_report_shows_heatmaps_large_enough_to_read(tiny_demo) -> None:
+    """Before: heatmaps (and QC images) were shown 520 (340) px wide, their ~19 px text at ~8 px."""
+    from milkit.heatmap import font_px
+    from tests.milkit.test_report_run import _CHROMIUM, _browser
+
+    out, _ = tiny_demo
+    index = out / "report" / "index.html"
+    text = index.read_text(encoding="utf-8")
+    figs = re.findall(r'<figure( class="wide")?><a href="([^"]+)"><img src="[^"]+"( width)?', text)
+    large = [f for f in figs if Path(f[1]).name.startswith(("heatmap_", "qc_", "checks"))]
+    assert len(large) >= 3
+    for wide, src, width in large:  # a row of their own, no display width below their own
+        assert wide and not width, src
+    if _CHROMIUM is None:
+        pytest.skip("needs chromium for the on-screen sizes")
+    page = index.with_name("_sizes.html")
+    page.write_text(text.replace("</body>", _SIZES_SCRIPT + "\n</body>"), encoding="utf-8")
+    try:
+        dom = _browser(page, "--dump-dom", "--window-size=1280,1000").stdout
+    finally:
+        page.unlink()
+    found = re.search(r'data-sizes="([^"]*)"', dom)
+    assert found, dom[:300]
+    sizes = {
+        src: (shown, w, h) for src, shown, w, h in json.loads(found.group(1).replace("&quot;", '"'))
+    }
+    heatmaps = [s for s in sizes if Path(s).name.startswith("heatmap_")]
+    assert heatmaps
+    for src in heatmaps:
+        shown, w, h = sizes[src]
+        on_screen = font_px(w, h) * shown / w  # the title and colour-bar text, in screen px
+        assert on_screen >= 12, (src, shown, w, on_screen)
+
+
+@pytest.mark.slow
+def test_instance_score_heatmaps_are_not_labelled_attention(tiny_demo, monkeypatch, tmp_path):
+    """Before: tumour_heatmap drew 'log10(attn)' whatever label it was given."""
+    import milkit.heatmap as hm
+    from milkit.bags import read_bag_header
+    from milkit.report.attention import tumour_heatmap
+
+    out, _ = tiny_demo
+    seen, real = [], hm.draw_heatmap
+    monkeypatch.setattr(
+        hm, "draw_heatmap", lambda *a, **k: seen.append(k["label"]) or real(*a, **k)
+    )
+    bag = sorted((out / "bags").glob("*.h5"))[0]
+    n = read_bag_header(bag).num_instances
+    tumour_heatmap(out / "slides" / f"{bag.stem}.svs", bag, np.full(n, 1.0 / n), tmp_path / "h.png",
+                   title="t", label="log10(score)")  # fmt: skip
+    assert seen == ["log10(score)"] and (tmp_path / "h.png").is_file()
+
+
 @pytest.mark.slow
 def test_metrics_and_localisation_are_reported(tiny_demo) -> None:
     out, result = tiny_demo
