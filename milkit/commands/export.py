@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--to", required=True, choices=("clam", "trident"), help="target layout")
-    p.add_argument("bags", type=Path, help="folder of bags (<slide_id>.h5/.hdf5/.pt)")
+    p.add_argument("bags", type=Path, help="folder of bags (<slide_id>.h5/.hdf5/.pt), or a "
+                   "TRIDENT job/tiling folder or CLAM feature folder holding one")  # fmt: skip
     p.add_argument("out", type=Path, help="CLAM data_dir, or TRIDENT job folder")
     p.add_argument("--copy", action="store_true", help="copy files instead of linking them")
     p.add_argument(

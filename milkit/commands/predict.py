@@ -27,7 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--run", required=True, type=Path, help="run folder (milkit train --out)")
-    p.add_argument("--bags", required=True, type=Path, help="folder of <slide_id>.h5 bags")
+    p.add_argument("--bags", required=True, type=Path,
+                   help="folder of <slide_id>.h5/.pt bags, or a TRIDENT job/tiling folder or CLAM "
+                   "feature folder holding one")  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="predictions CSV to write")
     p.add_argument("--fold", default="all", help="fold number, or 'all' for the ensemble mean")
     p.add_argument("--labels", type=Path, help="optional labels CSV: adds labels and metrics")

@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     data = p.add_argument_group("data")
-    data.add_argument("--bags", required=True, type=Path, help="folder of <slide_id>.h5 bags")
+    data.add_argument("--bags", required=True, type=Path,
+                      help="folder of <slide_id>.h5/.pt bags, or a TRIDENT job/tiling folder or "
+                      "CLAM feature folder holding one")  # fmt: skip
     data.add_argument("--labels", required=True, type=Path, help="labels CSV")
     data.add_argument("--label-column", default="label", help="label column (default label)")
     data.add_argument("--slide-column", default="slide_id",
