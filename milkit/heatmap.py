@@ -419,7 +419,10 @@ def check_slide_matches_bag(
             )
     problems: list[str] = []
     slide_id = slide_id_of(slide_path)
-    if bag_id is not None and bag_id != slide_id:
+    # a DICOM series opened through one of its .dcm files is named after its folder when that
+    # folder holds only this series (see slide_id_of)
+    ids = {slide_id, slide_path.parent.name} if slide_path.suffix.lower() == ".dcm" else {slide_id}
+    if bag_id is not None and bag_id not in ids:
         problems.append(f"slide id {bag_id!r} ≠ {slide_id!r}")
     sha = _recorded(root.get("slide_sha256"))
     size = _recorded(root.get("slide_size"))

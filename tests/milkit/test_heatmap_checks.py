@@ -167,3 +167,17 @@ def test_command_checks_the_slide(run: Path, cmu: Path, tmp_path: Path, capsys) 
     assert _heatmap(run, bag, tmp_path / "yes.png", "--slide", str(renamed),
                     "--allow-slide-mismatch") == 0  # fmt: skip
     assert "drawn anyway" in capsys.readouterr().err and (tmp_path / "yes.png").exists()
+
+
+def test_dicom_series_is_known_by_its_folder(slides_dir: Path, tmp_path: Path) -> None:
+    series = tmp_path / "scan_7"
+    series.mkdir()
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        shutil.copyfile(slides_dir / "synthetic" / name, series / name)
+    attrs = {"patch_size_level0": 8, "level0_width": 16, "level0_height": 16}
+    bag = write_bag(tmp_path / "scan_7.h5", np.zeros((1, 4), np.float32), np.zeros((1, 2), int),
+                    coords_attrs=attrs, root_attrs={"slide_id": "scan_7"})  # fmt: skip
+    assert check_slide_matches_bag(bag, series / "boxes_0.dcm", (16, 16)) == []
+    assert check_slide_matches_bag(bag, series, (16, 16)) == []
+    with pytest.raises(MilkitError, match="slide id 'scan_7'"):
+        check_slide_matches_bag(bag, slides_dir / "synthetic" / "small.svs", (16, 16))
