@@ -182,6 +182,10 @@ def test_cli_train_predict_export_accept_trees(tmp_path, capsys):
     assert sorted(pd.read_csv(preds)["slide_id"]) == list(IDS)
     assert "TRIDENT tiling folder" in capsys.readouterr().err
 
+    rc = main(["report", "--run", str(run), "--bags", str(job), "--bootstrap", "0",
+               "--out", str(tmp_path / "report")])  # fmt: skip
+    assert rc == 0 and "milkit report: note:" in capsys.readouterr().err
+
     out = tmp_path / "clam"
     assert main(["export", "--to", "clam", str(job), str(out)]) == 0
     assert len(list((out / "pt_files").glob("*.pt"))) == 6
