@@ -139,6 +139,19 @@ def _scalar(name: str, y: np.ndarray, p: np.ndarray, *, warn: bool = True) -> fl
     raise MilkitError(f"unknown metric; choose one of {list(SCALAR_METRICS)}", value=name)
 
 
+def epoch_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """``auc`` and ``accuracy`` for the per-epoch validation log, in well under a millisecond.
+
+    The same values as ``classification_metrics`` (the AUC through ``auc_rows``, tested equal to
+    scikit-learn); it skips scikit-learn's per-call input checks, which cost ~20 ms per epoch and
+    so dominated small-bag epochs. NaN AUC when a class is absent, without a warning.
+    """
+    y, p = _check_inputs(y_true, probs)
+    classes = [1] if p.shape[1] == 2 else range(p.shape[1])
+    aucs = [float(auc_rows(y == k, p[:, k])[0]) for k in classes]
+    return {"auc": float(np.mean(aucs)), "accuracy": float(np.mean(p.argmax(axis=1) == y))}
+
+
 def auc_average(class_names: Sequence[str]) -> str:
     """How ``auc`` averages: ``binary (positive class 'X')`` or ``macro one-vs-rest``."""
     names = [str(c) for c in class_names]
@@ -361,6 +374,7 @@ __all__ = [
     "bootstrap_ci",
     "ci_too_small",
     "classification_metrics",
+    "epoch_metrics",
     "plot_roc",
     "pooled_metrics",
     "summarise_folds",

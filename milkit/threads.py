@@ -13,6 +13,8 @@ honours ``OMP_NUM_THREADS``) is kept. ``milkit demo`` and ``milkit train`` both 
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,11 +25,21 @@ from milkit.errors import MilkitError
 
 # Feature values (instances × dims × bags) per step below which one intra-op thread is faster.
 SMALL_STEP_VALUES = 2**17
-_SAMPLE = 32  # bags looked at to estimate the typical bag size
+_SAMPLE = 16  # bags looked at to estimate the typical bag size
+
+
+@functools.lru_cache(maxsize=4096)
+def _header_shape(path: str, mtime_ns: int) -> tuple[int, int]:
+    """(instances, dim) from a bag file's header; cached per file version (every fold and every
+    prediction of a run asks again)."""
+    from milkit.bags import read_bag_header
+
+    header = read_bag_header(path)
+    return int(header.num_instances), int(header.dim)
 
 
 def typical_bag_shape(dataset: Any) -> tuple[int, int] | None:
-    """Median instances per bag and feature dim of up to 32 evenly spaced bags; None if unknown.
+    """Median instances per bag and feature dim of up to 16 evenly spaced bags; None if unknown.
 
     Uses bag-file headers when the dataset has ``paths`` (``BagDataset``: no features are read),
     else the items' ``features`` (an in-memory dataset).
@@ -41,14 +53,11 @@ def typical_bag_shape(dataset: Any) -> tuple[int, int] | None:
     paths = getattr(dataset, "paths", None)
     for i in picks:
         if paths is not None and str(paths[i]).endswith((".h5", ".hdf5")):
-            from milkit.bags import read_bag_header
-
             try:
-                header = read_bag_header(paths[i])
+                n_i, dim = _header_shape(str(paths[i]), os.stat(paths[i]).st_mtime_ns)
             except (MilkitError, OSError):
                 continue
-            sizes.append(int(header.num_instances))
-            dim = int(header.dim)
+            sizes.append(n_i)
         else:
             bags = getattr(dataset, "bags", None)
             features = bags[i] if bags is not None else dataset[int(i)]["features"]

@@ -115,6 +115,11 @@ class TrainConfig:
     cache: bool = False
     progress: bool = True
     threads: int | None = None  # torch intra-op threads; None: chosen from the bag size
+    # last.pt, best.pt and the logs are written after the first and the last epoch and then at
+    # most every this many seconds (0: every epoch). A killed run resumes exactly from the last
+    # write, redoing at most this much work; tiny-bag epochs take milliseconds, and writing
+    # (with fsync) every epoch cost more than training them.
+    checkpoint_every_s: float = 10.0
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -136,6 +141,8 @@ class TrainConfig:
                               value=self.patience)  # fmt: skip
         if not 0.0 <= self.feature_dropout < 1.0:
             raise MilkitError("feature_dropout must be in [0, 1)", value=self.feature_dropout)
+        if self.checkpoint_every_s < 0:
+            raise MilkitError("checkpoint_every_s must be >= 0", value=self.checkpoint_every_s)
         if self.threads is not None and int(self.threads) < 1:
             raise MilkitError("threads must be >= 1 (or unset to choose from the bag size)",
                               value=self.threads)  # fmt: skip
@@ -410,6 +417,16 @@ def _saturation_notes(history: Sequence[Mapping[str, Any]], monitor: str) -> lis
     if monitor == "val_auc":
         note += ", ties were broken by val_loss"
     return [note]
+
+
+class _Weights:
+    """A state dict with the ``state_dict()`` method ``save_checkpoint`` reads."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._state = state
+
+    def state_dict(self) -> Mapping[str, torch.Tensor]:
+        return self._state
 
 
 def _dataset_labels(dataset: Dataset) -> np.ndarray:
@@ -698,11 +715,16 @@ class Trainer:
                 best_key = tuple(float(v) for v in key)
             elif 0 <= best_epoch < len(history):  # a state written before best_key existed
                 best_key = _selection_key(history[best_epoch], monitor)
+            if self.best_path is not None and self.best_path.exists():
+                best_state = read_checkpoint(self.best_path)[0]
         else:
             seed_everything(cfg.seed + self.dist.rank)
 
         writer = self._tensorboard()
         epoch = start_epoch - 1
+        unsaved: list[dict[str, Any]] = []  # rows not yet in the logs
+        best_unsaved = False  # best_state newer than best.pt
+        last_save = -math.inf
         for epoch in range(start_epoch, cfg.epochs):
             if stopped:
                 break
@@ -725,7 +747,8 @@ class Trainer:
             improved = val_ds is None or (key is not None and (best_key is None or key > best_key))
             if improved:
                 best_score, best_key, best_epoch, bad_epochs = score, key, epoch, 0
-                best_state = self._keep_best(model, epoch, score, monitor, "selected so far")
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_unsaved = True
             else:
                 bad_epochs += 1
             if (
@@ -737,8 +760,23 @@ class Trainer:
                 stopped = True
             stopped = broadcast_flag(stopped, self.device)
             row["best_epoch"] = best_epoch
-            if self.dist.is_main:
-                self._write_logs(history, writer, row)
+            unsaved.append(row)
+            due = (
+                epoch == start_epoch
+                or stopped
+                or epoch + 1 >= cfg.epochs
+                or time.perf_counter() - last_save >= cfg.checkpoint_every_s
+            )
+            if self.dist.is_main and due:
+                last_save = time.perf_counter()
+                if best_unsaved and best_state is not None and self.best_path is not None:
+                    # best.pt before last.pt: a last.pt on disk always has its best.pt
+                    best_meta = self.checkpoint_meta(best_epoch, best_score, monitor=monitor,
+                                                     selection="selected so far")  # fmt: skip
+                    save_checkpoint(self.best_path, _Weights(best_state), best_meta)
+                best_unsaved = False
+                self._write_logs(history, writer, unsaved)
+                unsaved = []
                 if self.last_path is not None:
                     save_train_state(
                         self.last_path,
@@ -767,8 +805,7 @@ class Trainer:
         if best_epoch < 0 and history:
             # No epoch had a finite score: keep the last one rather than leave no model.
             best_epoch, best_score = int(history[-1]["epoch"]), None
-            reason = f"last epoch kept: no epoch had a finite {monitor}"
-            best_state = self._keep_best(model, best_epoch, None, monitor, reason)
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             notes.append(f"no epoch had a finite {monitor}; the last epoch ({best_epoch}) is kept")
         selection = _describe_selection(history, best_epoch, monitor, cfg.monitor, val_ds)
         notes.extend(_saturation_notes(history, monitor))
@@ -777,14 +814,12 @@ class Trainer:
                 warnings.warn(note if self.out_dir is None else f"{self.out_dir}: {note}",
                               stacklevel=3)  # fmt: skip
 
-        # Leave the model holding the selected (best) weights.
+        # Leave the model holding the selected (best) weights; best.pt gets the final reason.
         if best_state is not None:
             model.load_state_dict(best_state)
-        elif self.best_path is not None and self.best_path.exists():
-            state_dict, meta = read_checkpoint(self.best_path)
-            model.load_state_dict(state_dict)
-            if self.dist.is_main and meta.get("selection") != selection["reason"]:
-                meta = {**meta, "selection": selection["reason"]}  # the final word on why
+            if self.dist.is_main and self.best_path is not None:
+                meta = self.checkpoint_meta(best_epoch, best_score, monitor=monitor,
+                                            selection=selection["reason"])  # fmt: skip
                 save_checkpoint(self.best_path, model, meta)
         model.eval()
         return FitResult(
@@ -797,17 +832,6 @@ class Trainer:
             selection=selection,
             warnings=notes,
         )
-
-    def _keep_best(
-        self, model: nn.Module, epoch: int, score: float | None, monitor: str, reason: str
-    ) -> dict[str, torch.Tensor] | None:
-        """Write best.pt (main rank with a folder) or return a copy of the weights to keep."""
-        if self.dist.is_main and self.best_path is not None:
-            meta = self.checkpoint_meta(epoch, score, monitor=monitor, selection=reason)
-            save_checkpoint(self.best_path, model, meta)
-            return None
-        # no folder, or a non-main DDP rank: keep the best weights in memory
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def _after_epoch(self, epoch: int) -> None:
         """Hook called after each epoch's files are written (tests simulate crashes here)."""
@@ -885,7 +909,7 @@ class Trainer:
                 "where": self.out_dir.name if self.out_dir is not None else None}  # fmt: skip
 
     def _validate(self, model: nn.Module, val_ds: Dataset, criterion: nn.Module) -> dict:
-        from milkit.metrics import classification_metrics
+        from milkit.metrics import epoch_metrics
 
         preds = predict(model, val_ds, batch_size=self.config.batch_size, device=self.device,
                         num_workers=self.config.num_workers, phase="validate",
@@ -894,13 +918,10 @@ class Trainer:
         probs = torch.as_tensor(preds.probs).clamp_min(1e-12)
         y = torch.as_tensor(preds.labels, dtype=torch.long)
         loss = nn.functional.nll_loss(probs.log(), y).item()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            metrics = classification_metrics(preds.labels, preds.probs, self.class_names)
+        # val_auc (selection, saturation warnings) and val_accuracy; the test folds get the full
+        # classification_metrics
         row = {"val_loss": loss}
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key != "n":
-                row[f"val_{key}"] = float(value)
+        row.update({f"val_{k}": v for k, v in epoch_metrics(preds.labels, preds.probs).items()})
         return row
 
     # ------------------------------------------------------------------ logging
@@ -920,7 +941,10 @@ class Trainer:
             return None
         return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
 
-    def _write_logs(self, history: list[dict[str, Any]], writer, row: dict[str, Any]) -> None:
+    def _write_logs(
+        self, history: list[dict[str, Any]], writer, rows: Sequence[dict[str, Any]]
+    ) -> None:
+        """Rewrite log.csv / log.jsonl from ``history``; add ``rows`` (new ones) to TensorBoard."""
         if self.out_dir is None:
             return
         keys: list[str] = []
@@ -935,9 +959,10 @@ class Trainer:
             self.out_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history)
         )
         if writer is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "epoch":
-                    writer.add_scalar(key, value, row["epoch"])
+            for row in rows:
+                for key, value in row.items():
+                    if isinstance(value, (int, float)) and key != "epoch":
+                        writer.add_scalar(key, value, row["epoch"])
 
 
 def fit_model(

@@ -216,3 +216,22 @@ def test_auc_ci_refuses_small_or_degenerate_sets_and_pooled_uses_every_slide() -
     pooled = pooled_metrics([y[:40], y[40:]], [p[:40], p[40:]], ["a", "b"], bootstrap=200, seed=2)
     assert pooled["n"] == 80 and pooled["auc"] == pytest.approx(roc_auc_score(y, p[:, 1]))
     assert (pooled["auc_ci_low"], pooled["auc_ci_high"]) == (ci["auc_ci_low"], ci["auc_ci_high"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(4, 40), num_classes=st.integers(2, 4))
+def test_epoch_metrics_equal_classification_metrics(seed: int, n: int, num_classes: int) -> None:
+    from milkit.metrics import epoch_metrics
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, num_classes, n)
+    probs = _softmax(np.round(rng.normal(size=(n, num_classes)), 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = classification_metrics(y, probs, [str(k) for k in range(num_classes)])
+    fast = epoch_metrics(y, probs)
+    assert fast["accuracy"] == pytest.approx(full["accuracy"])
+    if math.isnan(full["auc"]):
+        assert math.isnan(fast["auc"])
+    else:
+        assert fast["auc"] == pytest.approx(full["auc"], abs=1e-12)
