@@ -105,6 +105,10 @@ class ExtractConfig:
         num_workers: DataLoader reader processes (0 = read in the main process).
         device: ``auto`` (CUDA if present, per-rank under torchrun), ``cpu``, ``cuda:1``, ...
         precision: autocast precision: ``auto`` / ``fp32`` / ``fp16`` / ``bf16``.
+        runtime: ``torch``, or an opt-in CPU fast path: ``onnxruntime`` (fp32) or ``openvino``
+            (fp32, bf16 on CPUs with native bf16); recorded in the bag and its recipe.
+        compile: ``auto`` / ``on`` / ``off``: ``torch.compile`` of the encoder (torch runtime,
+            CPU, fp32; ``auto``: slides of ≥ 2,000 tiles, see ``PatchEncoder.prepare``).
         dtype: stored feature dtype, ``float32`` or ``float16``.
         shard: ``(i, n)``, 1-based: process every n-th slide starting at the i-th.
         slide_mpp: level-0 µm/px for every slide (overrides metadata).
@@ -128,6 +132,8 @@ class ExtractConfig:
     num_workers: int = 2
     device: str = "auto"
     precision: str = "auto"
+    runtime: str = "torch"
+    compile: str = "auto"
     dtype: str = "float32"
     shard: tuple[int, int] | None = None
     slide_mpp: float | None = None
@@ -609,6 +615,8 @@ def encode_grid(
         pin_memory=encoder.device.type == "cuda",
         prefetch_factor=4 if workers else None,
     )
+    if hasattr(encoder, "prepare"):
+        encoder.prepare(n, batch_size)  # torch.compile for long runs (PatchEncoder.prepare)
     read_s = encode_s = 0.0
     start = 0
     bar = tqdm(total=n, desc=desc, unit="tile", leave=False, disable=not progress)
@@ -844,6 +852,8 @@ def preprocess(
         weights=config.weights,
         device=resolve_device(config.device),
         precision=config.precision,
+        runtime=config.runtime,
+        compile=config.compile,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = RunSummary(out_dir)

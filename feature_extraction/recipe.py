@@ -4,7 +4,8 @@ A rerun into the same ``--out`` skips a complete bag only when the bag was made 
 recipe; otherwise the slide is refused with the differing settings named (old → new), so one
 folder never silently mixes, say, 256-px tiles at 20× with 512-px tiles at 10×.
 
-What is in it: the encoder, its weight file's SHA-256 and the precision it actually ran at; the
+What is in it: the encoder, its weight file's SHA-256, the precision it actually ran at and the
+runtime (``--runtime``: torch, onnxruntime, openvino); the
 stored feature dtype; the tile spec (patch size, target mpp or magnification, overlap, min tissue);
 the tissue-segmentation preset name and the resolved parameters *as a whole* (every field of the
 parameter object, so fields added later are covered without touching this module); the level-0
@@ -35,6 +36,7 @@ RUNTIME_FIELDS = frozenset(
         "progress",
         "weights",  # → encoder_weights_sha256 (a moved file is the same recipe)
         "precision",  # → the precision the encoder resolved "auto" to
+        "compile",  # torch.compile: same features (cosine ≥ 0.99999), see encoders.registry
         "slide_mpp",  # → slide_mpp: the override used for this slide
         "mpp_csv",
         "tissue_params",  # → tissue: the resolved parameters
@@ -46,6 +48,7 @@ FLAGS = {
     "encoder": "--encoder",
     "encoder_weights_sha256": "--weights",
     "precision": "--precision",
+    "runtime": "--runtime",
     "dtype": "--float16",
     "patch_size": "--patch-size",
     "mpp": "--mpp",
@@ -117,6 +120,7 @@ def legacy_recipe(features_attrs: Mapping[str, Any], root_attrs: Mapping[str, An
     recipe["encoder_weights_sha256"] = None if sha in (None, "None") else sha
     if "precision" in features_attrs:
         recipe["precision"] = features_attrs["precision"]
+    recipe["runtime"] = str(features_attrs.get("encoder_runtime", "torch"))  # only torch existed
     if "storage_dtype" in features_attrs:
         recipe["dtype"] = features_attrs["storage_dtype"]
     return _plain(recipe)
@@ -146,7 +150,9 @@ def bag_recipe(header: Any) -> tuple[dict[str, Any], bool]:
     """
     text = header.root_attrs.get("recipe")
     if text not in (None, "None"):
-        return _upgrade_tissue(json.loads(str(text))), False
+        recipe = json.loads(str(text))
+        recipe.setdefault("runtime", "torch")  # recorded before --runtime existed: torch
+        return _upgrade_tissue(recipe), False
     return _upgrade_tissue(legacy_recipe(header.features_attrs, header.root_attrs)), True
 
 

@@ -76,6 +76,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="autocast precision (auto: the encoder's declared one; fp32 encoders such as "
         "resnet50-trunc stay fp32; half-precision ones run bf16 on CPUs with native bf16)",
     )
+    enc.add_argument(
+        "--runtime",
+        default="torch",
+        choices=("torch", "onnxruntime", "openvino"),
+        help="opt-in CPU fast path (pip install 'milkit[fast-cpu]'): onnxruntime (fp32) or "
+        "openvino (fp32; bf16 with --precision bf16 on CPUs with native bf16); features within "
+        "cosine 0.999 of torch fp32; recorded in the bag (default torch)",
+    )
+    enc.add_argument(
+        "--compile",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="torch.compile the encoder (torch runtime, CPU, fp32; auto: slides of 2,000+ "
+        "tiles, where its 20-35 s compile pays off; default auto)",
+    )
     enc.add_argument("--float16", action="store_true", help="store features as float16")
     tiles = p.add_argument_group("tiles")
     res = tiles.add_mutually_exclusive_group()
@@ -131,6 +146,8 @@ def config_from_args(args: argparse.Namespace):  # -> ExtractConfig
         num_workers=args.workers,
         device=args.device,
         precision=args.precision,
+        runtime=args.runtime,
+        compile=args.compile,
         dtype="float16" if args.float16 else "float32",
         shard=parse_shard(args.shard) if args.shard else None,
         slide_mpp=args.slide_mpp,

@@ -1,0 +1,180 @@
+"""Opt-in CPU fast paths (ONNX Runtime, OpenVINO, bf16, torch.compile) against the fp32 reference.
+
+Every fast path must give features within cosine ≥ 0.999 per tile of the torch fp32 encoder on
+real tissue tiles (CMU-1-Small-Region), and the bag must record the runtime so that resume never
+mixes runtimes. A random-weight ResNet-50 is used: speed and agreement do not depend on the
+weights (its BatchNorm statistics are randomised so that folding them is exercised).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from milkit.feature_extraction.encoders import create_encoder
+from milkit.feature_extraction.encoders.registry import cpu_has_native_bf16
+from milkit.feature_extraction.encoders.resnet import build_resnet50_backbone
+from milkit.feature_extraction.extract import ExtractConfig, preprocess
+from milkit.feature_extraction.recipe import build_recipe, recipe_differences
+
+from milkit.errors import MilkitError
+
+COSINE_FAST = 0.999  # the issue's bound for every fast path
+COSINE_FP32 = 0.99999  # fp32 in another runtime: only summation order differs
+SLIDE = "CMU-1-Small-Region.svs"
+
+
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    backbone = build_resnet50_backbone()
+    gen = torch.Generator().manual_seed(1)
+    for mod in backbone.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2, generator=gen)
+            mod.running_var.uniform_(0.5, 2.0, generator=gen)
+            mod.weight.data.uniform_(0.5, 1.5, generator=gen)
+    path = tmp_path_factory.mktemp("w") / "resnet50_random.pth"
+    torch.save(backbone.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiles(slides_dir) -> torch.Tensor:
+    """16 tissue tiles (256 px at 0.5 µm/px) of the real H&E slide, uint8 (16, 256, 256, 3)."""
+    from milkit.feature_extraction.slides import Slide
+    from milkit.feature_extraction.tiling import TileSpec, plan_tiles, read_tile
+    from milkit.feature_extraction.tissue import segment_tissue
+
+    with Slide(slides_dir / SLIDE) as slide:
+        grid = plan_tiles(slide, segment_tissue(slide), TileSpec(patch_size=256, mpp=0.5))
+        assert len(grid) >= 16
+        pick = np.linspace(0, len(grid) - 1, 16).astype(int)
+        return torch.from_numpy(np.stack([read_tile(slide, grid, int(i)) for i in pick]))
+
+
+@pytest.fixture(scope="module")
+def reference(weights, tiles) -> torch.Tensor:
+    enc, _ = create_encoder("resnet50-trunc", weights=weights, precision="fp32", compile="off")
+    assert (enc.runtime, enc.precision, enc.compiled) == ("torch", "fp32", False)
+    return enc.encode(tiles)
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)
+
+
+FAST_PATHS = [
+    ("onnxruntime", "fp32", COSINE_FP32),
+    ("openvino", "fp32", COSINE_FP32),
+    ("openvino", "bf16", COSINE_FAST),
+    ("torch", "bf16", COSINE_FAST),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("runtime", "precision", "bound"), FAST_PATHS)
+def test_fast_path_agrees_with_fp32_per_tile(weights, tiles, reference, runtime, precision, bound):
+    if runtime != "torch" and not _installed(runtime):
+        pytest.skip(f"{runtime} is not installed (pip install 'milkit[fast-cpu]')")
+    if precision == "bf16" and not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16")
+    enc, _ = create_encoder(
+        "resnet50-trunc", weights=weights, precision=precision, runtime=runtime, compile="off"
+    )
+    feats = enc.encode(tiles)
+    assert feats.shape == (16, 1024) and feats.dtype == torch.float32
+    cos = _cosines(feats, reference)
+    assert cos.min() >= bound, f"{runtime}/{precision}: worst tile cosine {cos.min():.7f}"
+    # A short batch (not the size seen first) gives the same rows.
+    assert torch.allclose(enc.encode(tiles[3:6]), feats[3:6], rtol=1e-3, atol=1e-4)
+    attrs = enc.features_attrs()
+    assert (attrs["encoder_runtime"], attrs["encoder_precision"]) == (runtime, precision)
+
+
+@pytest.mark.slow
+def test_compiled_torch_encoder_agrees_and_pads_short_batches(weights, tiles, reference):
+    enc, _ = create_encoder("resnet50-trunc", weights=weights, precision="fp32", compile="on")
+    enc.prepare(n_tiles=len(tiles), batch_size=8)
+    if not enc.compiled:
+        pytest.skip("torch.compile is unavailable here (no C++ compiler)")
+    feats = torch.cat([enc.encode(tiles[:8]), enc.encode(tiles[8:13]), enc.encode(tiles[13:])])
+    assert _cosines(feats, reference).min() >= COSINE_FP32
+    assert enc.features_attrs()["encoder_compiled"] is True
+    assert enc.encode(tiles).shape == (16, 1024)  # a batch above the compiled size: eager
+
+
+def test_compile_auto_waits_for_a_long_run(weights):
+    enc, _ = create_encoder("resnet50-trunc", weights=weights, compile="auto")
+    enc.prepare(n_tiles=100, batch_size=64)
+    assert not enc.compiled  # 20-35 s of compiling would not pay off on 100 tiles
+    fast, _ = create_encoder("fast", compile="auto")
+    fast.prepare(n_tiles=10**6, batch_size=64)
+    assert not fast.compiled  # weight-free encoder: already thousands of tiles/s
+
+
+def test_runtime_errors_name_the_problem(weights, monkeypatch):
+    with pytest.raises(MilkitError, match="unknown runtime"):
+        create_encoder("resnet50-trunc", weights=weights, runtime="tensorrt")
+    with pytest.raises(MilkitError, match="runs on CPU only"):
+        create_encoder("resnet50-trunc", weights=weights, runtime="openvino", device="cuda")
+    with pytest.raises(MilkitError, match="'onnxruntime' runs fp32 only"):
+        create_encoder("resnet50-trunc", weights=weights, runtime="onnxruntime", precision="bf16")
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_openvino(name, *args, **kwargs):
+        if name == "openvino":
+            raise ImportError("No module named 'openvino'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    with pytest.raises(MilkitError, match=r"not installed.*pip install openvino"):
+        create_encoder("resnet50-trunc", weights=weights, runtime="openvino")
+
+
+def test_recipe_records_the_runtime():
+    torch_recipe = build_recipe(
+        ExtractConfig(), weights_sha256="ab", precision="fp32", slide_mpp=None
+    )
+    ov_recipe = build_recipe(
+        ExtractConfig(runtime="openvino"), weights_sha256="ab", precision="fp32", slide_mpp=None
+    )
+    assert recipe_differences(torch_recipe, ov_recipe) == [("runtime", "torch", "openvino")]
+    # compile changes no feature beyond 1e-5 cosine: not part of the recipe
+    compiled = build_recipe(
+        ExtractConfig(compile="on"), weights_sha256="ab", precision="fp32", slide_mpp=None
+    )
+    assert recipe_differences(torch_recipe, compiled) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _installed("openvino"), reason="openvino is not installed")
+def test_bag_records_runtime_and_resume_refuses_another(slides_dir, weights, tmp_path):
+    slide = slides_dir / SLIDE
+    common = dict(
+        encoder="resnet50-trunc", weights=weights, mpp=2.0, num_workers=0, progress=False, qc=False
+    )
+    out = tmp_path / "bags"
+    first = preprocess([slide], out, ExtractConfig(runtime="openvino", **common))
+    assert first.exit_code == 0, first.format()
+    with h5py.File(out / "CMU-1-Small-Region.h5", "r") as f:
+        attrs = dict(f["features"].attrs)
+        recipe = json.loads(f.attrs["recipe"])
+    assert attrs["encoder_runtime"] == "openvino" and attrs["encoder_precision"] == "fp32"
+    assert recipe["runtime"] == "openvino"
+    again = preprocess([slide], out, ExtractConfig(runtime="openvino", **common))
+    assert again.count("skipped") == 1
+    other = preprocess([slide], out, ExtractConfig(runtime="torch", **common))
+    assert other.exit_code == 1
+    assert "runtime 'openvino' → 'torch' (--runtime)" in other.failed[0].error
