@@ -1,15 +1,34 @@
-"""Extraction throughput on a synthetic slide: tile reading vs encoding vs end to end.
+"""resnet50-trunc extraction, milkit against CLAM on the same tiles and threads, interleaved.
 
-Prints one JSON line per measurement (never part of the test suite):
+Prints one JSON line per measurement (never part of the test suite), each with the 1-minute load
+average:
 
-- ``read``: tiles/s delivered by the DataLoader readers alone (decode + resize, no encoder),
-- ``encode``: patches/s of the encoder alone on tiles already in memory,
-- ``end_to_end``: patches/s of ``encode_grid`` (readers and encoder overlapping).
+- ``setup``: slide, tiles, threads, CLAM anchor kind;
+- ``prepare``: one-off cost of each milkit path (torch.compile, ONNX export, OpenVINO compile);
+- ``round``: patches/s of CLAM and of every milkit path in one round (same tiles, run back to
+  back), with each path's ratio to CLAM in that round. The load of a shared machine drifts within
+  a round, so CLAM runs before each round and once more after the last: a path's ratio is to the
+  geometric mean of the CLAM runs just before and just after its round;
+- ``summary``: per path, the median over rounds of patches/s and of the ratio to CLAM, and the
+  worst per-tile cosine of its features against milkit's torch fp32 features (and CLAM's).
 
-Encoders: ``resnet50-trunc`` with random weights (speed does not depend on them) under bf16
-autocast + channels_last (and fp32 for reference), and the weight-free ``fast`` encoder.
-Goal from the issue: resnet50-trunc ≥ 3× CLAM's 8.7 patches/s (≥ 26/s) with reading never the
-bottleneck. Usage: ``python benchmarks/bench_extract.py [--tiles 256] [--workers 2]``.
+The anchor is CLAM's own ``extract_features_fp.py`` loop when ``--clam-repo`` points at a CLAM
+checkout (github.com/mahmoodlab/CLAM; never vendored here): ``get_encoder("resnet50_trunc")``
+(timm ``resnet50.tv_in1k`` ``features_only``, layer3 + adaptive average pool, fp32),
+``Whole_Slide_Bag_FP`` (OpenSlide ``read_region`` + PIL ``Resize(224)``/``ToTensor``/
+``Normalize`` per tile), ``DataLoader(batch_size=256)`` with no worker (its CPU setting) and
+``compute_w_loader`` (``torch.inference_mode``, HDF5 append per batch), run in a subprocess by
+``benchmarks/clam_anchor.py``. Without ``--clam-repo`` the same per-batch work is done here and
+named ``CLAM-equivalent loop``. Both sides load the same random ResNet-50 weights (speed does
+not depend on them) and run with ``--threads`` intra-op threads. Model building is outside the
+timings on both sides; milkit's one-off preparations are reported separately.
+
+milkit paths (``--paths``): ``torch`` (default: fp32, eager, channels_last), ``torch-compile``
+(the default for slides of ≥ 2,000 tiles: ``torch.compile`` with frozen weights), and the opt-in
+``onnxruntime``, ``openvino`` (fp32) and ``openvino-bf16`` (native-bf16 CPUs only).
+
+Usage: ``python benchmarks/bench_extract.py --clam-repo /path/to/CLAM [--tiles 64]
+[--rounds 3] [--threads 2] [--slide FILE.svs]``
 """
 
 from __future__ import annotations
@@ -17,149 +36,283 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SLIDE = REPO.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+PATHS = {  # name → (runtime, precision, compile)
+    "torch": ("torch", "fp32", "off"),
+    "torch-compile": ("torch", "fp32", "on"),
+    "onnxruntime": ("onnxruntime", "fp32", "off"),
+    "openvino": ("openvino", "fp32", "off"),
+    "openvino-bf16": ("openvino", "bf16", "off"),
+}
+CLAM_BATCH = 256  # extract_features_fp.py --batch_size default
 
 
 def emit(**record: object) -> None:
     record["loadavg_1m"] = round(os.getloadavg()[0], 2)
-    record["cpus"] = os.cpu_count()
     print(json.dumps(record), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=6144, help="synthetic slide side (px)")
-    ap.add_argument("--tiles", type=int, default=256, help="tiles to time per measurement")
-    ap.add_argument("--workers", type=int, default=2, help="reader processes")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--cnn-tiles", type=int, default=32, help="tiles timed for resnet50-trunc")
-    ap.add_argument("--bf16", action="store_true", help="also time explicit bf16 autocast")
+    ap.add_argument("--slide", type=Path, default=DEFAULT_SLIDE, help="slide to tile")
+    ap.add_argument("--tiles", type=int, default=64, help="tiles per timed run (cycled)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
+    ap.add_argument("--workers", type=int, default=2, help="milkit reader processes")
+    ap.add_argument("--batch-size", type=int, default=64, help="milkit batch (its default)")
+    ap.add_argument("--clam-repo", type=Path, help="CLAM checkout (else CLAM-equivalent loop)")
+    ap.add_argument("--paths", default=",".join(PATHS), help="milkit paths to time")
     args = ap.parse_args()
 
     import numpy as np
     import torch
     from milkit.feature_extraction.encoders import create_encoder
     from milkit.feature_extraction.encoders.resnet import build_resnet50_backbone
-    from milkit.feature_extraction.extract import TileDataset, encode_grid
+    from milkit.feature_extraction.extract import encode_grid
     from milkit.feature_extraction.slides import Slide
-    from milkit.feature_extraction.synthetic import make_synthetic_slide
-    from milkit.feature_extraction.tiling import TileSpec, plan_tiles
+    from milkit.feature_extraction.tiling import plan_tiles
     from milkit.feature_extraction.tissue import segment_tissue
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp)
-        slide_path = make_synthetic_slide(
-            tmp_path / "bench.svs", args.size, args.size, mpp=0.5, seed=0, tissue_fraction=0.9
-        ).path
-        with Slide(slide_path) as slide:
-            grid = plan_tiles(slide, segment_tissue(slide), TileSpec(patch_size=256, mpp=0.5))
-        n = min(args.tiles, len(grid))
-        sub = type(grid)(
+    torch.set_num_threads(args.threads)
+    names = [p for p in args.paths.split(",") if p]
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        with Slide(args.slide) as slide:
+            from milkit.feature_extraction.tiling import TileSpec
+
+            full = plan_tiles(slide, segment_tissue(slide), TileSpec(patch_size=256, mpp=0.5))
+        idx = np.arange(args.tiles) % len(full)  # the slide's tissue tiles, cycled
+        grid = type(full)(
             **{
-                **grid.__dict__,
-                "coords": grid.coords[:n],
-                "tissue_fraction": grid.tissue_fraction[:n],
+                **full.__dict__,
+                "coords": full.coords[idx],
+                "tissue_fraction": full.tissue_fraction[idx],
             }
         )
+        torch.manual_seed(0)
+        weights = tmp / "resnet50_random.pth"
+        torch.save(build_resnet50_backbone().state_dict(), weights)
+        coords_h5 = _clam_coords(tmp / "coords.h5", grid)
         emit(
             bench="setup",
-            slide_px=args.size,
-            tiles_in_slide=len(grid),
-            tiles_timed=n,
+            slide=args.slide.name,
+            tissue_tiles=len(full),
+            tiles_timed=len(grid),
+            read_level=int(grid.read_level),
+            read_size=int(grid.read_size),
             torch_threads=torch.get_num_threads(),
+            cpus=os.cpu_count(),
+            anchor="CLAM extract_features_fp.py" if args.clam_repo else "CLAM-equivalent loop",
         )
 
-        # Reading alone, in-process and through DataLoader workers.
-        ds = TileDataset(slide_path, None, sub)
-        t0 = time.perf_counter()
-        tiles = np.stack([ds[i][0] for i in range(n)])
-        dt = time.perf_counter() - t0
-        ds.close()
-        emit(bench="read", workers=0, tiles_per_s=round(n / dt, 1))
-        null = _NullEncoder()
-        t0 = time.perf_counter()
-        encode_grid(
-            slide_path, None, sub, null, batch_size=args.batch_size, num_workers=args.workers
-        )
-        dt = time.perf_counter() - t0
-        emit(
-            bench="read",
-            workers=args.workers,
-            tiles_per_s=round(n / dt, 1),
-            note="includes reader start-up",
-        )
-
-        weights = tmp_path / "resnet50_random.pth"
-        torch.save(build_resnet50_backbone().state_dict(), weights)
-        batch = torch.from_numpy(tiles)
-        runs = [("resnet50-trunc", weights, "auto"), ("fast", None, "auto")]
-        if args.bf16:
-            runs.insert(1, ("resnet50-trunc", weights, "bf16"))
-        for name, w, precision in runs:
-            enc, _ = create_encoder(name, weights=w, device=args.device, precision=precision)
-            m = min(n, args.cnn_tiles) if name != "fast" else n
-            enc.encode(batch[: min(4, m)])  # warm-up (oneDNN kernel selection)
+        encoders = {}
+        for name in names:
+            runtime, precision, compile_ = PATHS[name]
             t0 = time.perf_counter()
-            c0 = time.process_time()
-            for s in range(0, m, args.batch_size):
-                enc.encode(batch[s : s + args.batch_size])
-            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            try:
+                enc, _ = create_encoder(
+                    "resnet50-trunc",
+                    weights=weights,
+                    precision=precision,
+                    runtime=runtime,
+                    compile=compile_,
+                )
+                enc.prepare(len(grid), args.batch_size)
+            except Exception as err:  # a runtime that is not installed: say so, go on
+                emit(bench="prepare", path=name, skipped=f"{type(err).__name__}: {err}")
+                continue
+            encoders[name] = enc
             emit(
-                bench="encode",
-                encoder=name,
+                bench="prepare",
+                path=name,
+                runtime=enc.runtime,
                 precision=enc.precision,
-                channels_last=True,
-                patches=m,
-                patches_per_s=round(m / dt, 2),
-                cpu_s_per_patch=round(cpu / m, 5),
+                compiled=enc.compiled,
+                seconds=round(time.perf_counter() - t0, 1),
             )
-            if precision == "bf16":
-                continue  # explicit bf16 is a comparison point only
-            sub2 = type(grid)(
-                **{
-                    **sub.__dict__,
-                    "coords": sub.coords[:m],
-                    "tissue_fraction": sub.tissue_fraction[:m],
-                }
+
+        rates: dict[str, list[float]] = {n: [] for n in ["clam", *encoders]}
+        ratios: dict[str, list[float]] = {n: [] for n in encoders}
+        feats: dict[str, np.ndarray] = {}
+
+        def clam_rate(tag: str) -> float:
+            out_h5 = tmp / f"clam_{tag}.h5"
+            clam_s = _run_clam(
+                args, slide_path=args.slide, coords_h5=coords_h5, weights=weights, out_h5=out_h5
             )
-            t0 = time.perf_counter()
-            _, _, read_s, encode_s = encode_grid(
-                slide_path, None, sub2, enc, batch_size=args.batch_size, num_workers=args.workers
-            )
-            dt = time.perf_counter() - t0
+            if "clam" not in feats:
+                import h5py
+
+                with h5py.File(out_h5, "r") as f:
+                    feats["clam"] = f["features"][:]
+            return len(grid) / clam_s
+
+        before = clam_rate("0")
+        for rnd in range(args.rounds):
+            row: dict[str, float] = {}
+            for name, enc in encoders.items():
+                t0 = time.perf_counter()
+                f, ok, _, _ = encode_grid(
+                    args.slide,
+                    None,
+                    grid,
+                    enc,
+                    batch_size=args.batch_size,
+                    num_workers=args.workers,
+                )
+                dt = time.perf_counter() - t0
+                assert ok.all()
+                feats.setdefault(name, f)
+                rates[name].append(len(grid) / dt)
+                row[name] = round(len(grid) / dt, 2)
+            after = clam_rate(str(rnd + 1))
+            anchor = (before * after) ** 0.5
+            rates["clam"].append(anchor)
+            for name in encoders:
+                ratios[name].append(rates[name][-1] / anchor)
             emit(
-                bench="end_to_end",
-                encoder=name,
-                precision=enc.precision,
-                workers=args.workers,
-                patches=m,
-                patches_per_s=round(m / dt, 2),
-                waiting_for_tiles_s=round(read_s, 2),
-                encoding_s=round(encode_s, 2),
+                bench="round",
+                round=rnd,
+                clam_before_after=[round(before, 2), round(after, 2)],
+                patches_per_s=row,
+                ratio_to_clam={n: round(r[-1], 2) for n, r in ratios.items()},
             )
+            before = after
+
+        ref = feats.get("torch")
+        for name in ["clam", *encoders]:
+            rec: dict[str, object] = {
+                "bench": "summary",
+                "path": name,
+                "patches_per_s_median": round(statistics.median(rates[name]), 2),
+            }
+            if name != "clam":
+                enc = encoders[name]
+                rec.update(runtime=enc.runtime, precision=enc.precision, compiled=enc.compiled)
+                rec["ratio_to_clam_median"] = round(statistics.median(ratios[name]), 2)
+            if ref is not None and name != "torch":
+                rec["cosine_min_vs_milkit_fp32"] = _cos_min(feats[name], ref)
+            if name != "clam":
+                rec["cosine_min_vs_clam"] = _cos_min(feats[name], feats["clam"])
+            emit(**rec)
 
 
-class _NullEncoder:
-    """Stands in for an encoder so ``encode_grid`` measures reading alone."""
+def _cos_min(a, b) -> float:
+    import numpy as np
 
-    class cfg:  # mimics EncoderCfg's attribute access
-        embed_dim = 1
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return round(float(cos.min()), 7)
 
-    device = __import__("torch").device("cpu")
 
-    def encode(self, tiles):
-        import torch
+def _clam_coords(path: Path, grid) -> Path:
+    """The tiles in CLAM's patch file layout: ``coords`` with ``patch_level``/``patch_size``."""
+    import h5py
 
-        return torch.zeros(tiles.shape[0], 1)
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("coords", data=grid.coords.astype("int64"))
+        d.attrs["patch_level"] = int(grid.read_level)
+        d.attrs["patch_size"] = int(grid.read_size)
+    return path
+
+
+def _run_clam(args, *, slide_path: Path, coords_h5: Path, weights: Path, out_h5: Path) -> float:
+    """Seconds CLAM's loop takes for the tiles (its own code, or the equivalent loop here)."""
+    if out_h5.exists():
+        out_h5.unlink()
+    if args.clam_repo:
+        cmd = [
+            sys.executable,
+            str(Path(__file__).with_name("clam_anchor.py")),
+            str(args.clam_repo),
+            str(slide_path),
+            str(coords_h5),
+            str(weights),
+            str(args.threads),
+            str(CLAM_BATCH),
+            str(out_h5),
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode:
+            raise SystemExit(f"CLAM anchor failed:\n{res.stderr[-3000:]}")
+        return float(json.loads(res.stdout.strip().splitlines()[-1])["seconds"])
+    return _clam_equivalent(slide_path, coords_h5, weights, out_h5)
+
+
+def _clam_equivalent(slide_path: Path, coords_h5: Path, weights: Path, out_h5: Path) -> float:
+    """CLAM-equivalent loop: the per-batch work of CLAM's extract_features_fp.py on CPU."""
+    import h5py
+    import numpy as np
+    import openslide
+    import timm
+    import torch
+    from torchvision import transforms
+
+    class Trunc(torch.nn.Module):  # TimmCNNEncoder: features_only layer3 + adaptive avg pool
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = timm.create_model(
+                "resnet50.tv_in1k", features_only=True, out_indices=(3,), pretrained=False
+            )
+            self.pool = torch.nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            return self.pool(self.model(x)[0]).squeeze(-1).squeeze(-1)
+
+    model = Trunc()
+    model.model.load_state_dict(torch.load(weights, weights_only=True), strict=False)
+    model.eval()
+    tfm = transforms.Compose(
+        [
+            transforms.Resize(224),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
+    wsi = openslide.open_slide(str(slide_path))
+
+    class Bag(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            with h5py.File(coords_h5, "r") as f:
+                self.n = len(f["coords"])
+                self.level = int(f["coords"].attrs["patch_level"])
+                self.size = int(f["coords"].attrs["patch_size"])
+
+        def __len__(self) -> int:
+            return self.n
+
+        def __getitem__(self, i):
+            with h5py.File(coords_h5, "r") as f:  # CLAM reopens the patch file per tile
+                coord = f["coords"][i]
+            img = wsi.read_region(coord, self.level, (self.size, self.size)).convert("RGB")
+            return {"img": tfm(img), "coord": coord}
+
+    t0 = time.perf_counter()
+    loader = torch.utils.data.DataLoader(Bag(), batch_size=CLAM_BATCH)
+    first = True
+    for data in loader:
+        with torch.inference_mode():
+            out = model(data["img"]).cpu().numpy().astype(np.float32)
+        with h5py.File(out_h5, "w" if first else "a") as f:
+            if first:
+                f.create_dataset(
+                    "features", data=out, maxshape=(None, out.shape[1]), chunks=(32, out.shape[1])
+                )
+            else:
+                d = f["features"]
+                d.resize(len(d) + len(out), axis=0)
+                d[-len(out) :] = out
+        first = False
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":
