@@ -8,10 +8,15 @@ from pathlib import Path
 EXAMPLE = """example:
   milkit heatmap --run runs/abmil --slide slides/S1.svs --bag bags/S1.h5 --out S1_attention.png
   milkit heatmap --run runs/abmil --bag bags/S1.h5 --out S1.png --fold 2 --normalize rank
+  milkit heatmap --run runs/abmil --slide slides/S1.svs --bag bags/S1.h5 --out S1.png \
+      --scores S1_attention.csv --top-k 8            # + per-tile scores and the 8 top tiles
 
 Without --slide the scores are drawn on a blank canvas of the slide's shape. --fold all (the
 default) averages the attention of every fold's model; multi-head attention is averaged over
-heads. The title shows the predicted class probability.
+heads. The title shows the predicted class probability. --scores writes the same per-tile
+scores (slide_id, tile, x, y, score, rank; level-0 coords) as CSV, or HDF5 for a .h5 name;
+--top-k K cuts the K highest-scoring tiles out of the slide (needs --slide) into
+<out stem>_top_tiles/<slide>_top<rank>.png.
 """
 
 
@@ -36,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-slide-mismatch", action="store_true",
                    help="draw on a slide whose id or file content differs from the bag's "
                    "record (a renamed or re-saved copy); the level-0 size must still match")  # fmt: skip
+    p.add_argument("--scores", type=Path,
+                   help="also write the per-tile scores (.csv, or .h5 for HDF5)")  # fmt: skip
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="also save the K highest-scoring tiles as PNGs (needs --slide)")  # fmt: skip
     p.add_argument("--allow-encoder-mismatch", action="store_true",
                    help="draw a bag from another encoder/tile spec than the run's")  # fmt: skip
     p.set_defaults(func=run_command)
@@ -103,6 +112,9 @@ def run_command(args: argparse.Namespace) -> int:
 
     if args.slide is not None and not args.slide.exists():
         raise MilkitError("slide file not found", path=args.slide)
+    if args.top_k < 0 or (args.top_k and args.slide is None):
+        raise MilkitError("--top-k K cuts tiles out of the slide: pass --slide and K >= 1",
+                          value=args.top_k)  # fmt: skip
     if args.slide is not None:  # before any model runs: is this the bag's slide?
         from milkit.feature_extraction.slides import Slide
         from milkit.heatmap import check_slide_matches_bag
@@ -123,4 +135,20 @@ def run_command(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"milkit heatmap: note: {note}", file=sys.stderr)
     print(f"wrote {args.out}", file=sys.stderr)
+    if args.scores is not None or args.top_k:
+        from milkit.attention_export import save_top_tiles, write_tile_scores
+        from milkit.bags import slide_id_from_path
+        from milkit.heatmap import _read_coords
+
+        sid = slide_id_from_path(args.bag)
+        if args.scores is not None:
+            coords, _ = _read_coords(args.bag)
+            write_tile_scores(args.scores, sid, coords, scores,
+                              {"kind": "attention", "run": str(args.run), "fold": str(args.fold),
+                               "predicted": names[k]})  # fmt: skip
+            print(f"wrote {args.scores}", file=sys.stderr)
+        if args.top_k:
+            folder = args.out.parent / f"{args.out.stem}_top_tiles"
+            tiles = save_top_tiles(args.slide, args.bag, scores, args.top_k, folder, sid)
+            print(f"wrote {len(tiles)} top tiles to {folder}", file=sys.stderr)
     return 0

@@ -10,6 +10,7 @@ EXAMPLE = """example:
   milkit predict --run runs/abmil --bags new_bags/ --out preds.csv --fold 2
   milkit predict --run runs/abmil --bags new_bags/ --out preds.csv --labels new_labels.csv
   milkit predict --run runs/abmil --bags huge_bags/ --out preds.csv --max-instances 20000
+  milkit predict --run runs/abmil --bags new_bags/ --out preds.csv --attention attention/
 
 Writes slide_id, pred, prob_<class>... (and label when --labels is given, plus metrics on
 stderr). --fold all averages the class probabilities of every fold's selected checkpoint.
@@ -41,14 +42,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-instances", type=int,
                    help="keep N evenly spaced instances of larger bags (to fit memory; "
                    "default: whole bags)")  # fmt: skip
+    p.add_argument("--attention", type=Path, metavar="DIR",
+                   help="also write each slide's per-tile attention (fold-ensembled, level-0 "
+                   "coords) to DIR/<slide_id>.csv (or .h5 with --attention-format h5)")  # fmt: skip
+    p.add_argument("--attention-format", choices=("csv", "h5"), default="csv",
+                   help="file format of --attention (default csv)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=1, help="bags per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     p.set_defaults(func=run_command)
 
 
 def predict_run(run_dir: Path, dataset, *, fold: str = "all", batch_size: int = 1,
-                device: str = "auto"):  # fmt: skip
-    """Ensemble-mean ``Predictions`` of the selected fold checkpoints of a run."""
+                device: str = "auto", with_attention: bool = False):  # fmt: skip
+    """Ensemble-mean ``Predictions`` of the selected fold checkpoints of a run.
+
+    With ``with_attention``, ``attention`` holds one (N,) array per bag: the attention averaged
+    over heads and over the folds' checkpoints (each sums to 1 for softmax attention).
+
+    Raises:
+        MilkitError: attention requested from a model that returns none.
+    """
     import numpy as np
 
     from milkit.checkpoint import load_checkpoint
@@ -59,14 +72,26 @@ def predict_run(run_dir: Path, dataset, *, fold: str = "all", batch_size: int = 
     # an out-of-memory hint suggests the cap the run itself was evaluated (or trained) with
     cap = cfg.get("eval_max_instances") or cfg.get("max_instances")
     dev = resolve_device(device)
-    probs, first = [], None
+    probs, attention, first = [], [], None
     for ckpt in fold_checkpoints(run_dir, fold):
         model, meta = load_checkpoint(ckpt, map_location=dev)
         out = predict(model, dataset, batch_size=batch_size, device=dev, phase="predict",
+                      with_attention=with_attention,
                       oom_kwargs={"model": meta.get("model_name"), "max_instances": cap})  # fmt: skip
         probs.append(out.probs)
+        if with_attention:
+            if out.attention is None:
+                from milkit.errors import MilkitError
+
+                raise MilkitError(
+                    f"model {meta.get('model_name')!r} returns no attention to export",
+                    path=ckpt, hint="Use an attention-based aggregator (e.g. abmil, transmil)",
+                )  # fmt: skip
+            attention.append([a.mean(axis=0) if a.ndim == 2 else a for a in out.attention])
         first = first or out
     first.probs = np.mean(probs, axis=0)
+    if with_attention:
+        first.attention = [np.mean(per_fold, axis=0) for per_fold in zip(*attention)]
     return first
 
 
@@ -105,6 +130,12 @@ def run_command(args: argparse.Namespace) -> int:
     from milkit.errors import MilkitError
     from milkit.provenance import bag_spec, check_against_run, spec_from_run
 
+    if args.attention is not None and args.max_instances is not None:
+        raise MilkitError(
+            "--attention needs every tile's score, --max-instances predicts from a subset",
+            hint="Drop --max-instances (or predict twice: capped for probabilities, uncapped "
+            "with --attention for the slides that fit)",
+        )
     args.bags = bag_folder_for_cli(args.bags, "milkit predict")  # TRIDENT/CLAM trees too
     info = load_run(args.run)
     names = [str(c) for c in info["class_names"]]
@@ -144,7 +175,17 @@ def run_command(args: argparse.Namespace) -> int:
                              slide_ids=[dataset.slide_ids[i] for i in keep],
                              eval_max_instances=args.max_instances)  # fmt: skip
     preds = predict_run(args.run, dataset, fold=args.fold, batch_size=args.batch_size,
-                        device=args.device)  # fmt: skip
+                        device=args.device, with_attention=args.attention is not None)  # fmt: skip
+    if args.attention is not None:
+        from milkit.attention_export import write_tile_scores
+        from milkit.heatmap import _read_coords
+
+        for sid, path, att in zip(preds.slide_ids, dataset.paths, preds.attention, strict=True):
+            coords, _ = _read_coords(path)
+            write_tile_scores(args.attention / f"{sid}.{args.attention_format}", sid, coords, att,
+                              {"kind": "attention", "run": str(args.run), "fold": str(args.fold)})  # fmt: skip
+        print(f"wrote per-tile attention of {len(preds.slide_ids)} slide(s) to {args.attention}",
+              file=sys.stderr)  # fmt: skip
     frame = preds.to_frame(names)
     if args.labels is None:
         frame = frame.drop(columns=["label"])

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from milkit.atomic import atomic_path
+from milkit.attention_export import TILE_PX, save_top_tiles
 from milkit.errors import MilkitError
 from milkit.report.document import (
     Document,
@@ -46,7 +47,6 @@ METRICS = (
     ("balanced_accuracy", "Balanced accuracy"),
     ("f1_macro", "F1 (macro)"),
 )
-TILE_PX = 192  # displayed size of a top-k tile
 
 
 @dataclass
@@ -317,48 +317,6 @@ def out_of_fold_attention(
         for sid, att in zip(result.slide_ids, result.attention, strict=True):
             out[str(sid)] = np.asarray(att.mean(axis=0) if att.ndim == 2 else att, dtype=np.float64)
     return kind, out
-
-
-def save_top_tiles(
-    slide_path: Path, bag_path: Path, scores: np.ndarray, k: int, out_dir: Path, slide_id: str
-) -> list[tuple[Path, int, float, tuple[int, int]]]:
-    """Cut the ``k`` highest-scoring tiles out of the slide as ``TILE_PX`` px PNGs (atomic).
-
-    Tiles are read at the pyramid level closest to ``TILE_PX`` px per tile (never coarser) from
-    their level-0 coordinates. Returns ``(png, rank, score, (x, y))`` per tile.
-    """
-    from PIL import Image
-
-    from milkit.bags import read_bag
-    from milkit.feature_extraction.slides import Slide
-    from milkit.heatmap import _patch_size_level0
-
-    bag = read_bag(bag_path)
-    if bag.coords is None:
-        raise MilkitError("bag has no coords, so its tiles cannot be located", path=bag_path)
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.shape != (len(bag.coords),):
-        raise MilkitError(
-            f"{len(scores)} scores for {len(bag.coords)} tiles", value=scores.shape, path=bag_path
-        )
-    ps0 = _patch_size_level0(bag.coords_attrs, bag.coords, bag_path)
-    order = np.argsort(-scores, kind="stable")[:k]
-    out = []
-    with Slide(slide_path) as slide:
-        level = slide.best_level_for_downsample(max(1.0, ps0 / TILE_PX))
-        ds = float(slide.level_downsamples[level])
-        size = max(1, round(ps0 / ds))
-        for rank, i in enumerate(order, start=1):
-            x, y = (int(v) for v in bag.coords[i])
-            tile = slide.read_region((x, y), level, (size, size))
-            img = Image.fromarray(np.asarray(tile, dtype=np.uint8)).resize(
-                (TILE_PX, TILE_PX), Image.Resampling.LANCZOS
-            )
-            png = out_dir / f"{slide_id}_top{rank}.png"
-            with atomic_path(png) as tmp:
-                img.save(tmp, format="PNG")
-            out.append((png, rank, float(scores[i]), (x, y)))
-    return out
 
 
 # ---------------------------------------------------------------------------- the document
@@ -677,5 +635,4 @@ __all__ = [
     "plot_calibration",
     "plot_confusion",
     "read_run_predictions",
-    "save_top_tiles",
 ]
