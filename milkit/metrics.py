@@ -243,7 +243,9 @@ def bootstrap_ci(
     Slides are resampled with replacement ``n_boot`` times; resamples where the metric is
     undefined (e.g. a single class for AUC) are skipped. ``metric`` is a name from
     ``SCALAR_METRICS`` or a callable ``(y_true, probs) -> float``. Returns (nan, nan) if no
-    resample gives a value.
+    resample gives a value, and (nan, nan) with a ``RuntimeWarning`` (``ci_refusal`` says why)
+    when a class present has fewer than ``MIN_CI_PER_CLASS`` slides or every resample gives the
+    same value: a percentile interval such as [1.000, 1.000] would look surer than it is.
     """
     y, p = _check_inputs(y_true, probs)
     if n_boot < 1:
@@ -265,18 +267,30 @@ def bootstrap_ci(
     values = values[np.isfinite(values)]
     if values.size == 0:
         return (math.nan, math.nan)
+    note = ci_refusal(y, p.shape[1], values)
+    if note is not None:
+        warnings.warn(note, RuntimeWarning, stacklevel=2)
+        return (math.nan, math.nan)
     low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
     return (float(low), float(high))
 
 
-def ci_too_small(y_true: Sequence[int] | np.ndarray, num_classes: int) -> str | None:
-    """Why a bootstrap CI of these slides would mislead (a class under ``MIN_CI_PER_CLASS``
-    slides), or None."""
+def ci_refusal(
+    y_true: Sequence[int] | np.ndarray, num_classes: int, values: np.ndarray | None = None
+) -> str | None:
+    """Why a bootstrap CI of these slides would mislead, or None: a class present with fewer
+    than ``MIN_CI_PER_CLASS`` slides, or (given the resampled ``values``) one value for all."""
     counts = np.bincount(np.asarray(y_true, dtype=np.int64), minlength=num_classes)
-    if counts.min() < MIN_CI_PER_CLASS:
+    present = counts[counts > 0]
+    if present.size and present.min() < MIN_CI_PER_CLASS:
         return (
             f"no bootstrap CI: {counts.tolist()} slides per class, fewer than "
             f"{MIN_CI_PER_CLASS} in a class give intervals that look surer than they are"
+        )
+    if values is not None and values.size and values.min() == values.max():
+        return (
+            f"no bootstrap CI: every resample of these {int(counts.sum())} slides gives the "
+            f"same value ({float(values[0]):.3f})"
         )
     return None
 
@@ -292,12 +306,13 @@ def auc_ci(
     """Bootstrap CI of the AUC as ``{"auc_ci_low", "auc_ci_high"}``, or ``{"auc_ci_note"}``
     (with a warning) when the slides are too few or every resample gives one value."""
     y, p = _check_inputs(y_true, probs)
-    note = ci_too_small(y, p.shape[1])
-    if note is None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
         low, high = bootstrap_ci(y, p, "auc", n_boot=n_boot, alpha=alpha, seed=seed)
-        if math.isfinite(low) and low < high:
-            return {"auc_ci_low": low, "auc_ci_high": high}
-        note = f"no bootstrap CI: every resample of these {y.size} slides gives the same AUC"
+    if math.isfinite(low):
+        return {"auc_ci_low": low, "auc_ci_high": high}
+    notes = [str(w.message) for w in caught if str(w.message).startswith("no bootstrap CI")]
+    note = notes[0] if notes else "no bootstrap CI: no resample has every class"
     warnings.warn(note, RuntimeWarning, stacklevel=2)
     return {"auc_ci_note": note}
 
@@ -372,7 +387,7 @@ __all__ = [
     "auc_rows",
     "binary_auc",
     "bootstrap_ci",
-    "ci_too_small",
+    "ci_refusal",
     "classification_metrics",
     "epoch_metrics",
     "plot_roc",

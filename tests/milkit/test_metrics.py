@@ -204,6 +204,9 @@ def test_auc_ci_refuses_small_or_degenerate_sets_and_pooled_uses_every_slide() -
     small_p = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.2, 0.8], [0.1, 0.9]])
     with pytest.warns(RuntimeWarning, match="no bootstrap CI"):
         assert set(auc_ci(small_y, small_p, n_boot=100)) == {"auc_ci_note"}
+    for metric in ("auc", "accuracy"):  # every caller of bootstrap_ci (reports too)
+        with pytest.warns(RuntimeWarning, match=r"\[2, 3\] slides per class"):
+            assert all(math.isnan(v) for v in bootstrap_ci(small_y, small_p, metric, n_boot=50))
     perfect_y = np.repeat([0, 1], MIN_CI_PER_CLASS)
     perfect_p = np.stack([1 - perfect_y * 0.9 - 0.05, perfect_y * 0.9 + 0.05], 1)
     with pytest.warns(RuntimeWarning, match="every resample"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -73,7 +74,8 @@ def test_report_numbers_match_the_run(run_with_slides, capsys):
     for k in (0, 1):
         stored = json.loads((run / f"fold_{k}" / "metrics.json").read_text())
         row = next(line for line in md.splitlines() if line.startswith(f"| fold {k} |"))
-        assert f"{stored['auc']:.3f} [" in row and f"{stored['accuracy']:.3f} [" in row
+        # 8-slide folds (4 per class): milkit.metrics gives no bootstrap CI (issue 9, fault 8)
+        assert f"| {stored['auc']:.3f} |" in row and f"| {stored['accuracy']:.3f} |" in row
     # pooled = metrics of all out-of-fold predictions together
     preds = pd.concat(pd.read_csv(run / f"fold_{k}" / "predictions.csv") for k in (0, 1))
     y = (preds["label"] == "tumour").to_numpy().astype(int)
@@ -99,7 +101,9 @@ def test_report_cis_contain_the_value_and_brier_matches_sklearn(run_with_slides)
     from sklearn.metrics import brier_score_loss
 
     report = build_run_report(run_with_slides / "run", run_with_slides / "ci", bootstrap=80)
-    for value, low, high in report.pooled.values():
+    intervals = [(v, lo, hi) for v, lo, hi in report.pooled.values() if not math.isnan(lo)]
+    assert intervals  # 16 pooled slides, 8 per class: CIs exist unless every resample agrees
+    for value, low, high in intervals:
         assert low <= value + 1e-12 and value <= high + 1e-12
     preds = read_run_predictions(run_with_slides / "run")
     assert brier_score(preds.y, preds.probs) == pytest.approx(
