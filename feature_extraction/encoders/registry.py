@@ -355,7 +355,10 @@ class PatchEncoder(nn.Module):
         # torch runtime on CPU: torch.compile (inductor, frozen weights) for long runs, see
         # prepare(); "auto" / "on" / "off".
         self.compile = "off"
-        self._eager: nn.Module | None = None  # the uncompiled model while compiled
+        # What runs the batches when it is not ``model`` itself (BatchNorm folded, compiled, or
+        # another runtime); kept in a tuple so that it is not a second copy in the state_dict.
+        self._runner: tuple[nn.Module, ...] = ()
+        self._eager: tuple[nn.Module, ...] = ()  # the uncompiled runner while compiled
         self._compiled_batch = 0
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255.0, False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1) * 255.0, False)
@@ -392,7 +395,16 @@ class PatchEncoder(nn.Module):
     @property
     def compiled(self) -> bool:
         """True once :meth:`prepare` has compiled the model with ``torch.compile``."""
-        return self._eager is not None
+        return bool(self._eager)
+
+    @property
+    def runner(self) -> nn.Module:
+        """The module that encodes batches: ``model``, or its optimised stand-in."""
+        return self._runner[0] if self._runner else self.model
+
+    def set_runner(self, module: nn.Module) -> None:
+        """Run batches with ``module`` (same features as ``model``) instead of ``model``."""
+        self._runner = (module,)
 
     def prepare(self, n_tiles: int, batch_size: int) -> None:
         """Compile the model for a run of ``n_tiles`` tiles in batches of ``batch_size``.
@@ -417,7 +429,7 @@ class PatchEncoder(nn.Module):
         # Frozen weights let inductor fold BatchNorm into the convolutions and pre-pack the
         # oneDNN weights once.
         inductor_config.freezing = True
-        eager = self.model
+        eager = self.runner
         compiled = torch.compile(eager, dynamic=False)
         example = torch.zeros(batch_size, 3, self.cfg.input_size, self.cfg.input_size)
         try:
@@ -434,7 +446,8 @@ class PatchEncoder(nn.Module):
             )
             self.compile = "off"
             return
-        self._eager, self.model, self._compiled_batch = eager, compiled, batch_size
+        self._eager, self._compiled_batch = (eager,), batch_size
+        self.set_runner(compiled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features of a preprocessed batch, under autocast at ``self.precision``, as float32."""
@@ -444,12 +457,12 @@ class PatchEncoder(nn.Module):
             pad = x.new_zeros((self._compiled_batch - b, *x.shape[1:]))
             x = torch.cat([x, pad]).contiguous(memory_format=torch.channels_last)
         if self.compiled and b > self._compiled_batch:
-            out = self._eager(x)  # type: ignore[misc]
+            out = self._eager[0](x)
         elif self.precision == "fp32" or self.runtime != "torch":
-            out = self.model(x)[:b]
+            out = self.runner(x)[:b]
         else:
             with torch.autocast(self.device.type, dtype=_DTYPES[self.precision]):
-                out = self.model(x)
+                out = self.runner(x)
         return out.float()[:b]
 
     @torch.inference_mode()
@@ -508,7 +521,11 @@ def create_encoder(
     model = builder(cfg, path)
     enc = PatchEncoder(model, cfg, path)
     dev = torch.device(device)
-    from milkit.feature_extraction.encoders.runtimes import check_runtime, compile_for_runtime
+    from milkit.feature_extraction.encoders.runtimes import (
+        check_runtime,
+        compile_for_runtime,
+        fold_batchnorm,
+    )
 
     if compile not in ("auto", "on", "off"):
         raise MilkitError("compile must be auto, on or off", value=compile)
@@ -523,6 +540,8 @@ def create_encoder(
         p.requires_grad_(False)
     if runtime == "torch":
         enc.model.to(memory_format=torch.channels_last)
+        if dev.type == "cpu":
+            enc.set_runner(fold_batchnorm(enc.model).to(memory_format=torch.channels_last))
     else:
-        enc.model = compile_for_runtime(enc.model, runtime, resolved, cfg.input_size)
+        enc.set_runner(compile_for_runtime(enc.model, runtime, resolved, cfg.input_size))
     return enc, cfg

@@ -64,9 +64,20 @@ def tiles(slides_dir) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def reference(weights, tiles) -> torch.Tensor:
+    """fp32 features of the module as loaded (eager, BatchNorm not folded): CLAM's network."""
     enc, _ = create_encoder("resnet50-trunc", weights=weights, precision="fp32", compile="off")
     assert (enc.runtime, enc.precision, enc.compiled) == ("torch", "fp32", False)
-    return enc.encode(tiles)
+    with torch.inference_mode():
+        return enc.model(enc.preprocess(tiles)).float()
+
+
+def test_default_cpu_encoder_folds_batchnorm_with_the_same_features(weights, tiles, reference):
+    enc, _ = create_encoder("resnet50-trunc", weights=weights, compile="off")
+    assert enc.precision == "fp32"  # declared fp32 stays fp32 ("as CLAM")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.runner.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.model.modules())  # as loaded
+    cos = _cosines(enc.encode(tiles), reference)
+    assert cos.min() >= COSINE_FP32, f"worst tile cosine {cos.min():.8f}"
 
 
 def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
