@@ -18,7 +18,9 @@ status 1 when a case exceeds it. The cases run one after another, never in paral
 ``--compare-torchmil`` adds the configuration torchmil's ABMIL uses (no embedding layer,
 attention 1024→128→1, plain and gated; torchmil defaults) both as milkit ``abmil`` with
 overrides and as a direct implementation of the same equations in plain torch ops, so the
-comparison does not depend on torchmil being installed.
+comparison does not depend on torchmil being installed. When the torchmil package is installed
+it also times the real ``torchmil.models.ABMIL`` (plain and gated, its defaults: att_dim 128,
+BCE on one logit, ``compute_loss``) as ``torchmil-pkg-abmil[-gated]``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parent.parent
 REF_PREFIX = "ref-torchmil-abmil"
+PKG_PREFIX = "torchmil-pkg-abmil"  # the real torchmil package, when installed
 # milkit abmil in the torchmil ABMIL configuration (att_dim 128, no feature extractor).
 TORCHMIL_CASES = {
     "abmil[torchmil-config]": ("abmil", {"fc_dim": None, "attn_dim": 128, "attn_dropout": 0.0}),
@@ -91,6 +94,10 @@ def run_one(name: str, n: int, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     if name.startswith(REF_PREFIX):
         model = _reference_torchmil_abmil(args.dim, gated=name.endswith("gated"))
+    elif name.startswith(PKG_PREFIX):
+        from torchmil.models import ABMIL
+
+        model = ABMIL(in_shape=(args.dim,), gated=name.endswith("gated"))
     elif name in TORCHMIL_CASES:
         base, overrides = TORCHMIL_CASES[name]
         model = models.create(base, args.dim, args.classes, **overrides)
@@ -104,7 +111,10 @@ def run_one(name: str, n: int, args: argparse.Namespace) -> dict:
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        if name.startswith(REF_PREFIX):
+        if name.startswith(PKG_PREFIX):
+            _, losses = model.compute_loss(label, x)
+            loss = sum(losses.values())
+        elif name.startswith(REF_PREFIX):
             loss = nn.functional.binary_cross_entropy_with_logits(
                 model(x).squeeze(-1), label.float()
             )
@@ -172,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     names = [m for m in models.list_models() if any(fnmatch.fnmatch(m, p) for p in patterns)]
     if args.compare_torchmil:
         names += [f"{REF_PREFIX}", f"{REF_PREFIX}-gated", *TORCHMIL_CASES]
+        import importlib.util
+
+        if importlib.util.find_spec("torchmil") is not None:
+            names += [PKG_PREFIX, f"{PKG_PREFIX}-gated"]
     sizes = [int(s) for s in args.sizes.split(",")]
     passthrough = [
         f"--dim={args.dim}",
