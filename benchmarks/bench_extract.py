@@ -71,6 +71,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="milkit batch (its default)")
     ap.add_argument("--clam-repo", type=Path, help="CLAM checkout (else CLAM-equivalent loop)")
     ap.add_argument("--paths", default=",".join(PATHS), help="milkit paths to time")
+    ap.add_argument(
+        "--fast-encoder",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only time the weight-free `fast` encoder end to end on N tiles (no CLAM)",
+    )
     args = ap.parse_args()
 
     import numpy as np
@@ -101,6 +108,9 @@ def main() -> None:
         torch.manual_seed(0)
         weights = tmp / "resnet50_random.pth"
         torch.save(build_resnet50_backbone().state_dict(), weights)
+        if args.fast_encoder:
+            _time_fast(args, full, encode_grid, create_encoder)
+            return
         coords_h5 = _clam_coords(tmp / "coords.h5", grid)
         emit(
             bench="setup",
@@ -204,6 +214,36 @@ def main() -> None:
             if name != "clam":
                 rec["cosine_min_vs_clam"] = _cos_min(feats[name], feats["clam"])
             emit(**rec)
+
+
+def _time_fast(args, full, encode_grid, create_encoder) -> None:
+    """End-to-end patches/s of the weight-free ``fast`` encoder (readers + encoder)."""
+    import numpy as np
+
+    idx = np.arange(args.fast_encoder) % len(full)
+    grid = type(full)(
+        **{
+            **full.__dict__,
+            "coords": full.coords[idx],
+            "tissue_fraction": full.tissue_fraction[idx],
+        }
+    )
+    enc, _ = create_encoder("fast")
+    for workers in (0, args.workers):
+        t0 = time.perf_counter()
+        _, _, read_s, encode_s = encode_grid(
+            args.slide, None, grid, enc, batch_size=args.batch_size, num_workers=workers
+        )
+        dt = time.perf_counter() - t0
+        emit(
+            bench="fast_encoder",
+            workers=workers,
+            tiles=len(grid),
+            patches_per_s=round(len(grid) / dt, 1),
+            encode_s=round(encode_s, 2),
+            waiting_for_tiles_s=round(read_s, 2),
+            note="includes reader start-up",
+        )
 
 
 def _cos_min(a, b) -> float:

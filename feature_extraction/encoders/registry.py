@@ -322,8 +322,8 @@ def resolve_precision(cfg: EncoderCfg, device: torch.device, requested: str = "a
     if device.type == "cuda" or cfg.precision == "fp32":
         return cfg.precision  # a declared-fp32 encoder is fp32 unless the user asks otherwise
     # Half-precision encoders on CPUs with native bf16 (AVX512-BF16 / AMX): bf16 autocast is
-    # several times faster. Without it bf16 is emulated and ~5x *slower* (measured here), so
-    # fp32. Weight-free encoders always stay fp32.
+    # several times faster. Without it bf16 is emulated and ~5x *slower* (measured on a CPU
+    # without AVX512-BF16), so fp32. Weight-free encoders always stay fp32.
     if cfg.cpu_amp and cfg.weights_required and cpu_has_native_bf16():
         return "bf16"
     return "fp32"
