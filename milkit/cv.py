@@ -20,7 +20,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +246,119 @@ def _check_existing_run(out_dir: Path, info: Mapping[str, Any], resume: bool) ->
             )
 
 
+def _train_fold(
+    *,
+    split: Any,
+    table: Any,
+    model_name: str,
+    model_kwargs: Mapping[str, Any],
+    config: TrainConfig,
+    out_dir: Path,
+    class_names: list[str],
+    ds_kw: Mapping[str, Any],
+    resume: bool,
+    bootstrap: int,
+    device: Any,
+    is_main: bool,
+) -> dict[str, Any] | None:
+    """Train one fold, predict its test part, write its outputs; the fold's metrics (None on a
+    non-main DDP rank)."""
+    from milkit.data import BagDataset
+
+    fold_dir = out_dir / f"fold_{split.fold}"
+    done = fold_dir / "metrics.json"
+    seed_everything(config.seed)
+    model = build_model(model_name, table.in_dim, len(class_names), model_kwargs)
+    train_ds = BagDataset.from_table(
+        table,
+        split.train,
+        max_instances=config.max_instances,
+        feature_dropout=config.feature_dropout,
+        seed=config.seed,
+        **ds_kw,
+    )
+    val_ds = BagDataset.from_table(table, split.val, **ds_kw) if split.val else None
+    trainer = Trainer(
+        model,
+        config,
+        fold_dir,
+        class_names,
+        model_name=model_name,
+        model_kwargs=model_kwargs,
+        in_dim=table.in_dim,
+    )
+    fit = trainer.fit(train_ds, val_ds, resume=resume)
+    extra = {
+        "fold": split.fold,
+        "best_epoch": fit.best_epoch,
+        "best_val_score": fit.best_score,
+        "monitor": fit.monitor,
+        "requested_monitor": config.monitor,
+        "selection": fit.selection.get("reason"),
+        "warnings": list(fit.warnings),
+        "epochs_run": len(fit.history),
+        "n_train": len(split.train),
+        "n_val": len(split.val),
+    }
+    if split.test and is_main:
+        test_ds = BagDataset.from_table(table, split.test, **ds_kw)
+        preds = predict(model, test_ds, batch_size=config.batch_size, device=device,
+                        phase="test", oom_kwargs=trainer._oom_kwargs())  # fmt: skip
+        metrics = write_fold_outputs(fold_dir, preds, class_names, extra,
+                                     bootstrap=bootstrap, seed=config.seed)  # fmt: skip
+        return metrics
+    elif is_main:
+        metrics = {**extra, "n": 0}
+        atomic_write_text(done, _json(metrics))
+        return metrics
+    return None
+
+
+def _fold_worker(job: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+    """``_train_fold`` in a worker process; its warnings are returned for the parent to show."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = _train_fold(**job)
+    notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning | RuntimeWarning)]
+    return metrics, list(dict.fromkeys(notes))
+
+
+# Below this many training steps (~1 ms each for small bags) folds run one after another.
+PARALLEL_MIN_STEPS = 20_000
+
+
+def _fold_jobs(
+    requested: int | None,
+    table: Any,
+    config: TrainConfig,
+    device: Any,
+    distributed: bool,
+    pending: int,
+) -> int:
+    """Folds to train at once. Auto (None): one per CPU core when each fold's steps run on one
+    thread (small bags on the CPU, ``milkit.threads``), so the other cores are not left idle, and
+    the run is long enough (``PARALLEL_MIN_STEPS`` training steps) to repay starting a process
+    per core (~3 s of imports each); otherwise one. Never with DDP, a GPU or DataLoader workers."""
+    import os
+
+    if pending < 2 or distributed or device.type != "cpu" or config.num_workers > 0:
+        return 1
+    if requested is not None:
+        return max(1, min(int(requested), pending))
+    from milkit.data import BagDataset
+    from milkit.threads import choose_threads
+
+    if config.threads not in (None, 1):
+        return 1
+    if config.epochs * len(table) * pending * (1 - 1 / max(pending, 2)) < PARALLEL_MIN_STEPS:
+        return 1
+    probe = BagDataset.from_table(table)
+    if choose_threads(None, probe, batch_size=config.batch_size) != 1:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, pending))
+
+
 def cross_validate(
     table: Any,
     model_name: str,
@@ -259,6 +372,7 @@ def cross_validate(
     val_fraction: float = 0.15,
     bootstrap: int = 0,
     run_info: Mapping[str, Any] | None = None,
+    fold_jobs: int | None = None,
 ) -> CVResult:
     """Train and test ``model_name`` on every fold of ``table`` (a ``milkit.data.LabelTable``).
 
@@ -277,8 +391,11 @@ def cross_validate(
         val_fraction: inner-validation share of each fold's training cases.
         bootstrap: resamples for a bootstrap 95 % CI of each fold's AUC (0: none).
         run_info: extra keys for run.json (e.g. the labels CSV and bags dir).
+        fold_jobs: folds trained at once, each in its own process (CPU only, not with DDP).
+            None: one per CPU core when the bags are small enough for one intra-op thread per
+            fold (``milkit.threads``), else 1. Results equal a one-at-a-time run (each fold is
+            seeded alone).
     """
-    from milkit.data import BagDataset
     from milkit.splits import (
         fixed_split,
         load_splits,
@@ -336,6 +453,7 @@ def cross_validate(
     ds_kw = {"cache": config.cache, "eval_max_instances": config.eval_max_instances}
     ds_kw["cache"] = ds_kw["cache"] or _fits_in_memory(table, config)
     fold_metrics: list[dict[str, Any]] = []
+    todo: list[Any] = []
     for split in splits:
         fold_dir = out_dir / f"fold_{split.fold}"
         done = fold_dir / "metrics.json"
@@ -349,53 +467,36 @@ def cross_validate(
                 "so they came from the last epoch's weights); retraining this fold",
                 stacklevel=2,
             )
-        seed_everything(config.seed)
-        model = build_model(model_name, table.in_dim, len(class_names), model_kwargs)
-        train_ds = BagDataset.from_table(
-            table,
-            split.train,
-            max_instances=config.max_instances,
-            feature_dropout=config.feature_dropout,
-            seed=config.seed,
-            **ds_kw,
-        )
-        val_ds = BagDataset.from_table(table, split.val, **ds_kw) if split.val else None
-        trainer = Trainer(
-            model,
-            config,
-            fold_dir,
-            class_names,
-            model_name=model_name,
-            model_kwargs=model_kwargs,
-            in_dim=table.in_dim,
-        )
-        fit = trainer.fit(train_ds, val_ds, resume=resume)
-        extra = {
-            "fold": split.fold,
-            "best_epoch": fit.best_epoch,
-            "best_val_score": fit.best_score,
-            "monitor": fit.monitor,
-            "requested_monitor": config.monitor,
-            "selection": fit.selection.get("reason"),
-            "warnings": list(fit.warnings),
-            "epochs_run": len(fit.history),
-            "n_train": len(split.train),
-            "n_val": len(split.val),
-        }
-        if split.test and dist_info.is_main:
-            test_ds = BagDataset.from_table(table, split.test, **ds_kw)
-            preds = predict(model, test_ds, batch_size=config.batch_size, device=device,
-                            phase="test", oom_kwargs=trainer._oom_kwargs())  # fmt: skip
-            metrics = write_fold_outputs(fold_dir, preds, class_names, extra,
-                                         bootstrap=bootstrap, seed=config.seed)  # fmt: skip
+        todo.append(split)
+
+    def record(metrics: dict[str, Any] | None) -> None:
+        if metrics is not None and dist_info.is_main:
             fold_metrics.append(metrics)
-        elif dist_info.is_main:
-            metrics = {**extra, "n": 0}
-            atomic_write_text(done, _json(metrics))
-            fold_metrics.append(metrics)
-        if dist_info.is_main:
-            _record_fold(out_dir, info, fold_metrics[-1], True)
-        barrier()
+            _record_fold(out_dir, info, metrics, True)
+
+    job = {"table": table, "model_name": model_name, "model_kwargs": model_kwargs,
+           "config": config, "out_dir": out_dir, "class_names": class_names, "ds_kw": ds_kw,
+           "resume": resume, "bootstrap": bootstrap, "device": device,
+           "is_main": dist_info.is_main}  # fmt: skip
+    jobs = _fold_jobs(fold_jobs, table, config, device, dist_info.enabled, len(todo))
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        quiet = {**job, "config": replace(config, progress=False)}  # no interleaved bars
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(_fold_worker, {**quiet, "split": sp}) for sp in todo]
+            for future in as_completed(futures):
+                metrics, notes = future.result()
+                for note in notes:  # the fold's warnings, shown by this process
+                    warnings.warn(note, stacklevel=2)
+                record(metrics)
+    else:
+        for split in todo:
+            record(_train_fold(split=split, **job))
+            barrier()
+    fold_metrics.sort(key=lambda m: int(m.get("fold", 0)))
 
     summary: dict[str, dict[str, float]] = {}
     pooled: dict[str, Any] | None = None

@@ -95,6 +95,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "only add overhead, else torch's default)")  # fmt: skip
     run = p.add_argument_group("run")
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
+    run.add_argument("--jobs", type=int,
+                     help="folds trained at once, one process each (default: one per CPU core "
+                     "when bags are small enough for one thread per fold, else 1)")  # fmt: skip
     run.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for AUC CI")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run_command)
@@ -216,6 +219,7 @@ def run_command(args: argparse.Namespace) -> int:
                 val_fraction=args.val_fraction,
                 bootstrap=args.bootstrap,
                 run_info={"labels_csv": str(args.labels), "bags_dir": str(args.bags)},
+                fold_jobs=args.jobs,
             )
     finally:
         cleanup_distributed()

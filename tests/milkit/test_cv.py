@@ -141,3 +141,25 @@ def test_summary_has_pooled_out_of_fold_metrics_and_names_the_auc_average(tmp_pa
     assert table["auc_macro_ovr"].iloc[-1] == pytest.approx(0.71)
     text = format_summary({"auc": {"mean": 0.7, "std": 0.14, "n": 2}}, pooled)
     assert "auc (macro OvR)" in text and "0.700 ± 0.140 (2 folds)" in text and "0.710" in text
+
+
+@pytest.mark.slow
+def test_folds_in_parallel_processes_equal_folds_one_at_a_time(tmp_path):
+    """Fault 9: small-bag folds train one per core (spawned processes); same numbers."""
+    csv, bags_dir = make_cohort(tmp_path, n=16, cases=False, shift=6.0)
+    table = load_labels(csv, bags_dir)
+    cfg = _cfg(epochs=2, checkpoint_every_s=0.0)
+    with pytest.warns(UserWarning, match="validation set has only"):
+        one = cross_validate(table, "abmil", cfg, tmp_path / "one", folds=2, model_kwargs=KW,
+                             fold_jobs=1)  # fmt: skip
+    with pytest.warns(UserWarning, match="validation set has only"):  # re-shown by the parent
+        two = cross_validate(table, "abmil", cfg, tmp_path / "two", folds=2, model_kwargs=KW,
+                             fold_jobs=2)  # fmt: skip
+    assert [m["fold"] for m in two.folds] == [0, 1]
+    for k in (0, 1):
+        a = pd.read_csv(tmp_path / "one" / f"fold_{k}" / "predictions.csv")
+        b = pd.read_csv(tmp_path / "two" / f"fold_{k}" / "predictions.csv")
+        pd.testing.assert_frame_equal(a, b)
+    assert one.pooled["auc"] == two.pooled["auc"]
+    info = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert set(info["selection"]) == {"0", "1"}
