@@ -24,7 +24,7 @@ not depend on them) and run with ``--threads`` intra-op threads. Model building 
 timings on both sides; milkit's one-off preparations are reported separately.
 
 milkit paths (``--paths``): ``torch`` (default: fp32, eager, channels_last), ``torch-compile``
-(the default for slides of ≥ 2,000 tiles: ``torch.compile`` with frozen weights), and the opt-in
+(the default once a run reaches 2,000 tiles: ``torch.compile`` with frozen weights), and the opt-in
 ``onnxruntime``, ``openvino`` (fp32) and ``openvino-bf16`` (native-bf16 CPUs only).
 
 Usage: ``python benchmarks/bench_extract.py --clam-repo /path/to/CLAM [--tiles 64]

@@ -108,7 +108,7 @@ class ExtractConfig:
         runtime: ``torch``, or an opt-in CPU fast path: ``onnxruntime`` (fp32) or ``openvino``
             (fp32, bf16 on CPUs with native bf16); recorded in the bag and its recipe.
         compile: ``auto`` / ``on`` / ``off``: ``torch.compile`` of the encoder (torch runtime,
-            CPU, fp32; ``auto``: slides of ≥ 2,000 tiles, see ``PatchEncoder.prepare``).
+            CPU, fp32; ``auto``: once the run reaches 2,000 tiles, see ``PatchEncoder.prepare``).
         dtype: stored feature dtype, ``float32`` or ``float16``.
         shard: ``(i, n)``, 1-based: process every n-th slide starting at the i-th.
         slide_mpp: level-0 µm/px for every slide (overrides metadata).

@@ -124,10 +124,26 @@ def test_compiled_torch_encoder_agrees_and_pads_short_batches(weights, tiles, re
     assert enc.encode(tiles).shape == (16, 1024)  # a batch above the compiled size: eager
 
 
-def test_compile_auto_waits_for_a_long_run(weights):
+def test_compile_auto_waits_for_a_long_run(weights, monkeypatch):
+    compiled_models = []
+
+    def fake_compile(model, **kwargs):  # the decision is tested here, not inductor
+        compiled_models.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
     enc, _ = create_encoder("resnet50-trunc", weights=weights, compile="auto")
-    enc.prepare(n_tiles=100, batch_size=64)
-    assert not enc.compiled  # 20-35 s of compiling would not pay off on 100 tiles
+    enc.prepare(n_tiles=100, batch_size=2)
+    assert not enc.compiled  # 11-35 s of compiling would not pay off on 100 tiles
+    enc.prepare(n_tiles=1850, batch_size=2)
+    assert not enc.compiled
+    enc.prepare(n_tiles=50, batch_size=2)  # the run's slides now add up to 2,000 tiles
+    assert enc.compiled and len(compiled_models) == 1
+    enc.prepare(n_tiles=5000, batch_size=2)
+    assert len(compiled_models) == 1  # once per run
+    off, _ = create_encoder("resnet50-trunc", weights=weights, compile="off")
+    off.prepare(n_tiles=10**6, batch_size=2)
+    assert not off.compiled
     fast, _ = create_encoder("fast", compile="auto")
     fast.prepare(n_tiles=10**6, batch_size=64)
     assert not fast.compiled  # weight-free encoder: already thousands of tiles/s
