@@ -38,7 +38,8 @@ RUNTIME_PRECISIONS = {
     "onnxruntime": ("fp32",),
     "openvino": ("fp32", "bf16"),
 }
-_PIP = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+# Modules each runtime needs (torch.onnx.export needs the onnx package).
+_NEEDS = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino",)}
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -82,13 +83,14 @@ def check_runtime(runtime: str, device: torch.device, precision: str) -> None:
             value=precision,
             hint="Use --runtime openvino for bf16, or --runtime torch",
         )
-    try:
-        __import__(runtime)
-    except ImportError as err:
-        raise MilkitError(
-            f"runtime {runtime!r} is not installed",
-            hint=f"pip install {_PIP[runtime]}  (or pip install 'milkit[fast-cpu]')",
-        ) from err
+    for module in _NEEDS[runtime]:
+        try:
+            __import__(module)
+        except ImportError as err:
+            raise MilkitError(
+                f"runtime {runtime!r} is not installed (no module {module!r})",
+                hint=f"pip install {' '.join(_NEEDS[runtime])}  (or pip install 'milkit[fast-cpu]')",
+            ) from err
 
 
 class RuntimeModel(nn.Module):

@@ -95,7 +95,8 @@ FAST_PATHS = [
 @pytest.mark.slow
 @pytest.mark.parametrize(("runtime", "precision", "bound"), FAST_PATHS)
 def test_fast_path_agrees_with_fp32_per_tile(weights, tiles, reference, runtime, precision, bound):
-    if runtime != "torch" and not _installed(runtime):
+    needs = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino",)}.get(runtime, ())
+    if not all(_installed(m) for m in needs):
         pytest.skip(f"{runtime} is not installed (pip install 'milkit[fast-cpu]')")
     if precision == "bf16" and not cpu_has_native_bf16():
         pytest.skip("this CPU has no native bf16")
@@ -160,14 +161,17 @@ def test_runtime_errors_name_the_problem(weights, monkeypatch):
 
     real_import = builtins.__import__
 
-    def no_openvino(name, *args, **kwargs):
-        if name == "openvino":
-            raise ImportError("No module named 'openvino'")
+    def without_openvino_and_onnx(name, *args, **kwargs):
+        if name in ("openvino", "onnx"):
+            raise ImportError(f"No module named {name!r}")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    monkeypatch.setattr(builtins, "__import__", without_openvino_and_onnx)
     with pytest.raises(MilkitError, match=r"not installed.*pip install openvino"):
         create_encoder("resnet50-trunc", weights=weights, runtime="openvino")
+    if _installed("onnxruntime"):  # torch.onnx.export needs onnx: said before any work
+        with pytest.raises(MilkitError, match=r"no module 'onnx'.*pip install onnxruntime onnx"):
+            create_encoder("resnet50-trunc", weights=weights, runtime="onnxruntime")
 
 
 def test_recipe_records_the_runtime():
