@@ -456,12 +456,13 @@ class PatchEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features of a preprocessed batch, under autocast at ``self.precision``, as float32."""
         b = x.shape[0]
-        if self.compiled and b < self._compiled_batch:
+        full = self._compiled_batch
+        if self.compiled and full // 2 <= b < full:
             # One static shape: a short last batch is padded instead of compiled again.
-            pad = x.new_zeros((self._compiled_batch - b, *x.shape[1:]))
+            pad = x.new_zeros((full - b, *x.shape[1:]))
             x = torch.cat([x, pad]).contiguous(memory_format=torch.channels_last)
-        if self.compiled and b > self._compiled_batch:
-            out = self._eager[0](x)
+        if self.compiled and not full // 2 <= b <= full:
+            out = self._eager[0](x)  # a few tiles (small slide) or a bigger batch: eager
         elif self.precision == "fp32" or self.runtime != "torch":
             out = self.runner(x)[:b]
         else:

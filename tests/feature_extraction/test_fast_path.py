@@ -119,6 +119,7 @@ def test_compiled_torch_encoder_agrees_and_pads_short_batches(weights, tiles, re
     enc.prepare(n_tiles=len(tiles), batch_size=8)
     if not enc.compiled:
         pytest.skip("torch.compile is unavailable here (no C++ compiler)")
+    # a full batch, a padded short one (5 of 8) and a few tiles run eagerly (3 of 8)
     feats = torch.cat([enc.encode(tiles[:8]), enc.encode(tiles[8:13]), enc.encode(tiles[13:])])
     assert _cosines(feats, reference).min() >= COSINE_FP32
     assert enc.features_attrs()["encoder_compiled"] is True
