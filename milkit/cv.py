@@ -316,9 +316,18 @@ def _train_fold(
 
 def _fold_worker(job: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
     """``_train_fold`` in a worker process; its warnings are returned for the parent to show."""
+    import pickle
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        metrics = _train_fold(**job)
+        try:
+            metrics = _train_fold(**job)
+        except MilkitError as err:  # must cross the process boundary with its message intact
+            try:
+                pickle.loads(pickle.dumps(err))
+            except Exception:
+                raise MilkitError(str(err)) from None
+            raise
     notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning | RuntimeWarning)]
     return metrics, list(dict.fromkeys(notes))
 
