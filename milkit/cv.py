@@ -260,9 +260,10 @@ def _train_fold(
     bootstrap: int,
     device: Any,
     is_main: bool,
+    n_folds: int = 0,
 ) -> dict[str, Any] | None:
     """Train one fold, predict its test part, write its outputs; the fold's metrics (None on a
-    non-main DDP rank)."""
+    non-main DDP rank). ``n_folds`` labels the progress bar (``fold k/K``)."""
     from milkit.data import BagDataset
 
     fold_dir = out_dir / f"fold_{split.fold}"
@@ -286,6 +287,7 @@ def _train_fold(
         model_name=model_name,
         model_kwargs=model_kwargs,
         in_dim=table.in_dim,
+        progress_label=f"fold {split.fold + 1}/{n_folds}" if n_folds else "",
     )
     fit = trainer.fit(train_ds, val_ds, resume=resume)
     extra = {
@@ -486,7 +488,7 @@ def cross_validate(
     job = {"table": table, "model_name": model_name, "model_kwargs": model_kwargs,
            "config": config, "out_dir": out_dir, "class_names": class_names, "ds_kw": ds_kw,
            "resume": resume, "bootstrap": bootstrap, "device": device,
-           "is_main": dist_info.is_main}  # fmt: skip
+           "is_main": dist_info.is_main, "n_folds": len(splits)}  # fmt: skip
     jobs = _fold_jobs(fold_jobs, table, config, device, dist_info.enabled, len(todo))
     if jobs > 1:
         import multiprocessing

@@ -31,8 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--run", required=True, type=Path, help="run folder (milkit train --out)")
-    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples (e.g. 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        help="bootstrap resamples for 95%% CIs (default 0: none; e.g. 1000)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     p.set_defaults(func=run_command)
 

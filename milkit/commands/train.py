@@ -25,6 +25,20 @@ the bags' encoder and tile spec (bag_spec); a cohort mixing encoders is refused.
 """
 
 
+NO_PATIENCE = "none: every epoch runs and the best one is kept"
+
+
+def _default(name: str, none: str = "none") -> str:
+    """``default X`` for a TrainConfig field: milkit's default preset (imports no torch)."""
+    from dataclasses import fields
+
+    from milkit.training.config import TrainConfig
+
+    value = {f.name: f.default for f in fields(TrainConfig)}[name]
+    shown = none if value is None else f"{value:g}" if isinstance(value, float) else value
+    return f"default {shown}"
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
@@ -61,33 +75,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--model", required=True, help="registered aggregator (milkit models)")
     model.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="constructor override, repeatable (e.g. dropout=0.1)")  # fmt: skip
-    opt = p.add_argument_group("training")
+    opt = p.add_argument_group(
+        "training",
+        "Defaults below are milkit's (--preset default); --preset official starts from the "
+        "paper code's recipe instead (milkit models NAME --verbose shows it); an option given here wins.",
+    )
     opt.add_argument("--preset", default="default", choices=("default", "official"),
                      help="default: milkit's recipe; official: the paper code's recipe")  # fmt: skip
-    opt.add_argument("--epochs", type=int)
-    opt.add_argument("--lr", type=float)
-    opt.add_argument("--weight-decay", type=float)
-    opt.add_argument("--optimizer", choices=("adam", "adamw"))
-    opt.add_argument("--scheduler", choices=("cosine", "cosine-epoch", "none"))
-    opt.add_argument("--warmup-epochs", type=float)
-    opt.add_argument("--batch-size", type=int, help="bags per step (padded with a mask)")
-    opt.add_argument("--accumulate", type=int, help="gradient accumulation steps")
+    d = _default  # milkit's defaults, from TrainConfig itself (the "default" preset)
+    opt.add_argument("--epochs", type=int, help=f"training epochs ({d('epochs')})")
+    opt.add_argument("--lr", type=float, help=f"peak learning rate ({d('lr')})")
+    opt.add_argument("--weight-decay", type=float, help=f"weight decay ({d('weight_decay')})")
+    opt.add_argument("--optimizer", choices=("adam", "adamw"), help=d("optimizer"))
+    opt.add_argument("--scheduler", choices=("cosine", "cosine-epoch", "none"),
+                     help=f"LR schedule, cosine stepped per optimiser step or per epoch "
+                     f"({d('scheduler')})")  # fmt: skip
+    opt.add_argument("--warmup-epochs", type=float, help=f"linear warm-up ({d('warmup_epochs')})")
+    opt.add_argument("--batch-size", type=int,
+                     help=f"bags per step, padded with a mask ({d('batch_size')})")  # fmt: skip
+    opt.add_argument("--accumulate", type=int,
+                     help=f"gradient accumulation steps ({d('accumulate')})")  # fmt: skip
     opt.add_argument("--balanced", action="store_true", help="class-balanced sampling")
     opt.add_argument("--class-weights", action="store_true", help="class-weighted loss")
-    opt.add_argument("--patience", type=int, help="early-stopping patience (epochs)")
-    opt.add_argument("--min-epochs", type=int, help="never stop before this epoch")
+    opt.add_argument("--patience", type=int,
+                     help=f"early-stopping patience in epochs ({d('patience', NO_PATIENCE)})")  # fmt: skip
+    opt.add_argument("--min-epochs", type=int,
+                     help=f"never stop before this epoch ({d('min_epochs')})")  # fmt: skip
     opt.add_argument("--monitor", choices=("val_loss", "val_auc"),
-                     help="epoch selection on the inner validation set (default val_loss; "
-                     "val_auc breaks ties by val_loss)")  # fmt: skip
-    opt.add_argument("--grad-clip", type=float)
+                     help=f"epoch selection on the inner validation set ({d('monitor')}; "
+                     "val_auc breaks ties by val_loss and falls back to it when undefined)")  # fmt: skip
+    opt.add_argument("--grad-clip", type=float,
+                     help=f"gradient norm clip ({d('grad_clip', 'none')})")  # fmt: skip
     opt.add_argument("--max-instances", type=int, help="subsample bags to N instances (train)")
     opt.add_argument("--eval-max-instances", type=int,
                      help="keep N evenly spaced instances of larger validation/test bags "
                      "(to fit memory; default: whole bags)")  # fmt: skip
-    opt.add_argument("--feature-dropout", type=float)
+    opt.add_argument("--feature-dropout", type=float,
+                     help=f"share of instances dropped per training bag ({d('feature_dropout')})")  # fmt: skip
     opt.add_argument("--cache", action="store_true", help="keep bags in memory")
     opt.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
-    opt.add_argument("--seed", type=int)
+    opt.add_argument("--seed", type=int, help=f"random seed ({d('seed')})")
     opt.add_argument("--device", help="auto, cpu, cuda, cuda:1 (default auto)")
     opt.add_argument("--workers", type=int, help="DataLoader workers (default 0)")
     opt.add_argument("--threads", type=int,
@@ -98,7 +125,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--jobs", type=int,
                      help="folds trained at once, one process each (default: one per CPU core "
                      "when bags are small enough for one thread per fold, else 1)")  # fmt: skip
-    run.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for AUC CI")
+    run.add_argument("--bootstrap", type=int, default=0,
+                     help="bootstrap resamples for each fold's AUC CI (default 0: none; folds "
+                     "with < 5 slides of a class get a note instead of a CI)")  # fmt: skip
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run_command)
 

@@ -1,0 +1,1 @@
+"""Training: the run configuration (more of the training layer moves here over time)."""
