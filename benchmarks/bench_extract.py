@@ -82,6 +82,7 @@ def main() -> None:
 
     import numpy as np
     import torch
+
     from milkit.feature_extraction.encoders import create_encoder
     from milkit.feature_extraction.encoders.resnet import build_resnet50_backbone
     from milkit.feature_extraction.extract import encode_grid

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
 from milkit.feature_extraction.slides import Slide
 from milkit.feature_extraction.synthetic import make_synthetic_slide
 from milkit.feature_extraction.tiling import TileGrid, TileSpec, plan_tiles, read_tile
 from milkit.feature_extraction.tissue import segment_tissue
-from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 CACHE = Path(os.environ.get("MILKIT_BENCH_DIR", "/tmp/milkit_bench"))
 

@@ -46,6 +46,7 @@ def main() -> None:
 
     import h5py
     from bench_tiling import cached_slide, run_once
+
     from milkit.feature_extraction.slides import Slide
     from milkit.feature_extraction.tiling import TileSpec, plan_tiles
     from milkit.feature_extraction.tissue import segment_tissue

@@ -122,6 +122,7 @@ class _BusySampler:
 
 def extraction(device: str, slide_px: int, workers: int, batch_size: int) -> dict[str, Any]:
     import torch
+
     from milkit.feature_extraction.encoders import create_encoder
     from milkit.feature_extraction.encoders.resnet import build_resnet50_backbone
     from milkit.feature_extraction.encoders.vit import build_timm_vit
@@ -199,6 +200,7 @@ def training_steps(device: str, size: int, timeout: float, models: str) -> list[
 
 def scan(device: str, length: int) -> dict[str, Any]:
     import torch
+
     from milkit.models.layers.selective_scan import selective_scan_chunked, selective_scan_ref
 
     torch.manual_seed(0)

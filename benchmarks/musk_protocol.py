@@ -36,8 +36,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from milkit.models.base import MILModel, MILOutput
 from torch import Tensor, nn
+
+from milkit.models.base import MILModel, MILOutput
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mil_benchmarks"
 

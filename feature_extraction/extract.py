@@ -1,4 +1,4 @@
-"""Slides → bags: the batch pipeline behind ``milkit preprocess`` (DESIGN §3, §5).
+"""Slides → bags: the batch pipeline behind ``milkit preprocess`` (docs/architecture.md §4, §7).
 
 Per slide: open → segment tissue → plan tiles → encode tiles → write ``<slide_id>.h5`` → QC PNG.
 Tiles are read by DataLoader workers, each with its own slide handle (opened in
@@ -39,15 +39,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from milkit.atomic import atomic_write_text
+from milkit.errors import MilkitError
 from milkit.feature_extraction.recipe import (
     bag_recipe,
     build_recipe,
     format_differences,
     recipe_differences,
 )
-
-from milkit.atomic import atomic_write_text
-from milkit.errors import MilkitError
 
 SLIDE_EXTENSIONS = (
     ".svs",
@@ -702,11 +702,10 @@ def process_slide(
     The result's status is ``ok``, or ``empty`` (with ``reason``) when no tile was planned; a
     slide all of whose tiles are unreadable raises. ``recipe`` is recorded in the bag.
     """
+    from milkit.bags import write_bag
     from milkit.feature_extraction.slides import Slide, TileReadError
     from milkit.feature_extraction.tiling import plan_tiles
     from milkit.feature_extraction.tissue import segment_tissue
-
-    from milkit.bags import write_bag
 
     t_start = time.perf_counter()
     slide_id = slide_id_of(slide_path)
@@ -835,10 +834,10 @@ def preprocess(
     Returns a :class:`RunSummary`; per-slide failures are recorded there and in
     ``out_dir/manifest.csv`` instead of being raised.
     """
-    from milkit.feature_extraction.encoders import create_encoder
     from tqdm.auto import tqdm
 
     from milkit.bags import is_complete_bag
+    from milkit.feature_extraction.encoders import create_encoder
 
     config = config or ExtractConfig()
     config.validate()
@@ -894,7 +893,7 @@ def preprocess(
             )
         except MilkitError as err:
             result.error = str(err)
-        except Exception as err:  # a batch never stops on one bad slide (DESIGN §8)
+        except Exception as err:  # a batch never stops on one bad slide (docs/architecture.md §8)
             result.error = f"{type(err).__name__}: {err}"
         finally:
             release_lock(lock)

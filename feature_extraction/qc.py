@@ -17,10 +17,10 @@ from typing import Any
 
 import cv2
 import numpy as np
-from milkit.feature_extraction.tiling import TileGrid
-from milkit.feature_extraction.tissue import TissueMask
 
 from milkit.errors import MilkitError
+from milkit.feature_extraction.tiling import TileGrid
+from milkit.feature_extraction.tissue import TissueMask
 
 TISSUE_RGB = (0, 170, 0)  # tissue outline
 HOLE_RGB = (0, 90, 255)  # holes inside tissue

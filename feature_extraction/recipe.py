@@ -133,9 +133,8 @@ def _upgrade_tissue(recipe: dict[str, Any]) -> dict[str, Any]:
     that reproduces how it was made (e.g. no pen-ink filter for bags older than the filter).
     Parameters it does not know (a custom subclass) are compared as recorded.
     """
-    from milkit.feature_extraction.tissue import TissueParams
-
     from milkit.errors import MilkitError
+    from milkit.feature_extraction.tissue import TissueParams
 
     if isinstance(recipe.get("tissue"), Mapping):
         with contextlib.suppress(MilkitError, TypeError, ValueError):

@@ -26,10 +26,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import tifffile
-from milkit.feature_extraction.coverage import box_coverage
 
 from milkit.atomic import atomic_path
 from milkit.errors import MilkitError
+from milkit.feature_extraction.coverage import box_coverage
 
 _TEXTURE_PX = 1024  # level-0 side of the periodic tissue textures (4 × 4 tiles of 256 px)
 _BACKGROUND_BGR = (242, 242, 243)  # glass: near-white, no saturation

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from milkit.feature_extraction.coverage import box_coverage, summed_area_table
-from milkit.feature_extraction.tissue import TissueMask
 
 from milkit.errors import MilkitError
+from milkit.feature_extraction.coverage import box_coverage, summed_area_table
+from milkit.feature_extraction.tissue import TissueMask
 
 DEFAULT_MPP = 0.5  # 20x under the 10 µm/px ⇔ 1x convention
 LEVEL_TOLERANCE = 0.02  # a pyramid level up to 2 % finer/coarser than the target still counts
@@ -106,7 +106,7 @@ class TileGrid:
         return len(self.coords)
 
     def coords_attrs(self, slide: Any) -> dict[str, Any]:
-        """``coords`` dataset attributes: TRIDENT's set + CLAM's set + ours (DESIGN §3)."""
+        """``coords`` dataset attributes: TRIDENT's set + CLAM's set + ours (docs/architecture.md §4)."""
         w0, h0 = slide.dimensions
         level_w, level_h = slide.level_dimensions[self.read_level]
         return {

@@ -1,4 +1,4 @@
-"""HDF5 bag I/O: the contract between preprocessing and training (DESIGN §3).
+"""HDF5 bag I/O: the contract between preprocessing and training (docs/architecture.md §4).
 
 One ``<slide_id>.h5`` per slide with ``features`` (N, D) and ``coords`` (N, 2) level-0 top-left
 pixels in raster order, plus provenance attributes. Files are readable unchanged by CLAM and
@@ -144,7 +144,7 @@ def write_bag(
         path: destination ``<slide_id>.h5``.
         features: (N, D) instance features; N may be 0 (a slide without tissue).
         coords: (N, 2) level-0 (x, y) of each tile's top-left corner.
-        coords_attrs: patch geometry (TRIDENT + CLAM + milkit keys, DESIGN §3).
+        coords_attrs: patch geometry (TRIDENT + CLAM + milkit keys, docs/architecture.md §4).
         features_attrs: encoder provenance (``encoder``, ``embed_dim``, ``precision``, ...).
         root_attrs: slide provenance (``slide_id``, ``slide_path``, ``slide_sha256``, ...).
         dtype: ``float32`` (default) or ``float16``.

@@ -1,4 +1,4 @@
-"""Checkpoint files that can be loaded without running code (DESIGN §6).
+"""Checkpoint files that can be loaded without running code (docs/architecture.md §5).
 
 Two kinds of file:
 

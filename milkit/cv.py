@@ -1,6 +1,6 @@
 """K-fold cross-validation of one aggregator over a labelled cohort; writes a run folder.
 
-Leak-free protocol (specs/models.md §8.4): early stopping and checkpoint selection use the inner
+Leak-free protocol (docs/architecture.md §5): early stopping and checkpoint selection use the inner
 validation split of each fold; the test fold is predicted once, with the selected checkpoint, and
 only then scored. No threshold is tuned on the evaluated predictions (arg-max class).
 

@@ -1,4 +1,4 @@
-"""Training data: the labels table, bag datasets, batching and class balancing (DESIGN §6).
+"""Training data: the labels table, bag datasets, batching and class balancing (docs/architecture.md §5).
 
 The labels CSV (``slide_id,label[,case_id][,split]``; other column names with ``slide_column``
 / ``label_column`` / ``case_column``) is validated against the bags folder BEFORE training
@@ -577,7 +577,7 @@ def _raw_plan(ds: h5py.Dataset) -> list[tuple[int, int, int]] | None:
     """File byte ranges of an uncompressed dataset as (row_start, row_stop, file_offset), or
     None when the fast path does not apply (filters, foreign byte order, partial chunks, ...).
 
-    Bags are written row-chunked without filters (DESIGN §3), so the features are a few
+    Bags are written row-chunked without filters (docs/architecture.md §4), so the features are a few
     contiguous byte runs that can be read straight into the output array.
     """
     n, dim = ds.shape

@@ -1,6 +1,6 @@
 """One error type and one message shape for everything a user can get wrong.
 
-Shape (DESIGN §8): what was wrong, the offending value, the file, and what to do.
+Shape (docs/architecture.md §8): what was wrong, the offending value, the file, and what to do.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Attention / instance-score heatmaps painted back onto the slide thumbnail (DESIGN §6).
+"""Attention / instance-score heatmaps painted back onto the slide thumbnail (docs/architecture.md §5).
 
 Each tile's score fills the thumbnail rectangle of the tile (level-0 coords x thumbnail scale),
 overlapping tiles are averaged, the colour-mapped scores are alpha-blended over the thumbnail,

@@ -1,4 +1,4 @@
-"""Slide-level classification metrics, fold summaries, bootstrap intervals, ROC plots (DESIGN §6).
+"""Slide-level classification metrics, fold summaries, bootstrap intervals, ROC plots (docs/architecture.md §5).
 
 AUC is the AUC of the positive class (class index 1) for binary tasks and the macro average of
 one-vs-rest AUCs for multiclass tasks (scikit-learn's ``roc_auc_score(multi_class="ovr",

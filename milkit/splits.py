@@ -1,4 +1,4 @@
-"""Cross-validation splits grouped by patient, with an inner validation split (DESIGN §6).
+"""Cross-validation splits grouped by patient, with an inner validation split (docs/architecture.md §5).
 
 Test folds come from scikit-learn's ``StratifiedGroupKFold`` over cases (``case_id``), so no
 patient has slides in two folds. The validation set used for early stopping and model selection

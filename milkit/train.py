@@ -1,4 +1,4 @@
-"""The training loop shared by every aggregator (DESIGN §4, §6).
+"""The training loop shared by every aggregator (docs/architecture.md §5, §6).
 
 The ``Trainer`` calls nothing model-specific beyond the three hooks of the model contract —
 ``forward``, ``training_loss(batch, output, criterion)`` and ``on_train_step_end(step, total)`` —

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from torch import Tensor, nn
+
 from milkit.models.base import MILModel, MILOutput, check_bag_input
 from milkit.models.layers.attention_pool import AttentionPool, make_act
 from milkit.models.registry import register_aggregator
-from torch import Tensor, nn
 
 
 def init_xavier_(module: nn.Module) -> None:
@@ -35,9 +36,8 @@ def state_dict_from_clam(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     Raises:
         KeyError: not a CLAM_SB state dict (CLAM_MB's per-class branches are not ABMIL).
     """
-    from milkit.models.official import convert_state, get_family, match_variant, read_state
-
     from milkit.errors import MilkitError
+    from milkit.models.official import convert_state, get_family, match_variant, read_state
 
     try:
         variant, state, _ = match_variant(get_family("clam-abmil"), read_state(state))

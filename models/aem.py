@@ -15,14 +15,14 @@ import math
 from typing import Any, ClassVar
 
 import torch
+from torch import Tensor, nn
+
+from milkit.errors import MilkitError
 from milkit.models.base import MILModel, MILOutput, check_bag_input
 from milkit.models.layers.attention_pool import AttentionPool
 from milkit.models.layers.masking import masked_log_softmax, masked_softmax
 from milkit.models.layers.multihead_query_pool import MultiHeadQueryPool
 from milkit.models.registry import create, normalise_name, register_aggregator
-from torch import Tensor, nn
-
-from milkit.errors import MilkitError
 
 # Official training recipe (dazhangyu123/AEM `main.py` + `config/*.yml`): AdamW, weight decay 1e-5
 # (`wd: 0.00001`), lr 1e-4 (argparse default at commit 98a1f78; the newest main.py 42c8dbe uses

@@ -1,4 +1,4 @@
-"""The single aggregator contract (DESIGN §4): ``MILOutput`` and the ``MILModel`` base class.
+"""The single aggregator contract (docs/architecture.md §6): ``MILOutput`` and the ``MILModel`` base class.
 
 Batch dictionary (what the trainer passes to the hooks and what collate produces):
     ``features`` (B, N, D) float, ``mask`` (B, N) bool (True = real instance) or None,

@@ -7,12 +7,12 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from milkit.models.base import MILModel, MILOutput, check_bag_input
-from milkit.models.layers.masking import masked_softmax
-from milkit.models.registry import register_aggregator
 from torch import Tensor, nn
 
 from milkit.errors import MilkitError
+from milkit.models.base import MILModel, MILOutput, check_bag_input
+from milkit.models.layers.masking import masked_softmax
+from milkit.models.registry import register_aggregator
 
 # CLAM size_dict: "small" = [embed_dim, 512, 256], "big" = [embed_dim, 512, 384].
 SIZES: dict[str, tuple[int, int]] = {"small": (512, 256), "big": (512, 384)}

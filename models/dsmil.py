@@ -6,12 +6,12 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from milkit.models.base import MILModel, MILOutput, check_bag_input
-from milkit.models.layers.masking import fill_masked, masked_softmax
-from milkit.models.registry import register_aggregator
 from torch import Tensor, nn
 
 from milkit.errors import MilkitError
+from milkit.models.base import MILModel, MILOutput, check_bag_input
+from milkit.models.layers.masking import fill_masked, masked_softmax
+from milkit.models.registry import register_aggregator
 
 LOSSES = ("bce", "ce")
 INITS = ("orthogonal", "default")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from torch import Tensor, nn
+
 from milkit.models.base import MILModel, MILOutput, check_bag_input
 from milkit.models.layers.attention_pool import AttentionPool
 from milkit.models.layers.mamba_block import BiMamba, Mamba, SRMamba
 from milkit.models.layers.ragged import apply_per_bag
 from milkit.models.registry import register_aggregator
-from torch import Tensor, nn
 
 _MIXERS: dict[str, type[Mamba]] = {"srmamba": SRMamba, "mamba": Mamba, "bimamba": BiMamba}
 _ACTS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}

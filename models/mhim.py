@@ -8,13 +8,14 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from milkit.models.abmil import ABMIL
 from milkit.models.base import MILModel, MILOutput, check_bag_input
 from milkit.models.layers.grn import GlobalRecycleNetwork
 from milkit.models.layers.mhim_masking import cosine_value, mhim_mask, random_subset
 from milkit.models.registry import register_aggregator
 from milkit.models.transmil import TransMIL
-from torch import Tensor
 
 _DOC = """
     Paper: Tang et al., "Multiple Instance Learning Framework with Masked Hard Instance Mining for
@@ -170,10 +171,9 @@ class _MHIM(MILModel):
     # ------------------------------------------------------------------ teacher and student
     def load_teacher(self, path: str | os.PathLike[str], *, init_stu_type: str = "fc") -> None:
         """Initialise the teacher from a checkpoint of the base model (see class docstring)."""
-        from milkit.models.registry import normalise_name
-
         from milkit.checkpoint import read_checkpoint
         from milkit.errors import MilkitError
+        from milkit.models.registry import normalise_name
 
         state, meta = read_checkpoint(path)
         trained = normalise_name(str(meta.get("model_name") or ""))
@@ -210,9 +210,8 @@ class _MHIM(MILModel):
     def _from_official(self, state: dict[str, Tensor], path: Any) -> dict[str, Tensor]:
         """Rename an official MHIM-MIL state dict (``predictor.*`` keys) to milkit names;
         refuse, naming it, a gated file for a non-gated base and vice versa."""
-        from milkit.models.official import convert_state, detect_variant, get_family
-
         from milkit.errors import MilkitError
+        from milkit.models.official import convert_state, detect_variant, get_family
 
         if "predictor.weight" not in state:
             return state

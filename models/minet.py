@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from milkit.models.base import MILModel, MILOutput, check_bag_input
 from milkit.models.registry import register_aggregator
-from torch import Tensor, nn
 
 
 def _masked_max(scores: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from torch import Tensor, nn
+
 from milkit.models.base import MILModel, MILOutput, check_bag_input
 from milkit.models.layers.attention_pool import AttentionPool
 from milkit.models.layers.ragged import apply_per_bag
 from milkit.models.layers.region_attention import CrossRegionAttention, RegionAttention
 from milkit.models.registry import register_aggregator
-from torch import Tensor, nn
 
 _ACTS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from milkit.models.base import MILModel, MILOutput
-from milkit.models.layers.supcon import ProjectionHead, supcon_loss
-from milkit.models.registry import create, normalise_name, register_aggregator
 from torch import Tensor, nn
 
 from milkit.errors import MilkitError
+from milkit.models.base import MILModel, MILOutput
+from milkit.models.layers.supcon import ProjectionHead, supcon_loss
+from milkit.models.registry import create, normalise_name, register_aggregator
 
 SCHEDULES = ("parabolic", "linear", "step")
 

@@ -7,11 +7,12 @@ from typing import Any, ClassVar
 
 import torch
 from einops import rearrange
+from torch import Tensor, nn
+
 from milkit.models.abmil import init_xavier_
 from milkit.models.base import MILModel, MILOutput, check_bag_input
 from milkit.models.layers.nystrom import NystromAttention
 from milkit.models.registry import register_aggregator
-from torch import Tensor, nn
 
 
 class TransLayer(nn.Module):

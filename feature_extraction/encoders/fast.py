@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from milkit.feature_extraction.encoders.registry import EncoderCfg, register_encoder
 from torch import nn
+
+from milkit.feature_extraction.encoders.registry import EncoderCfg, register_encoder
 
 FAST_DIM = 218
 _SEED = 0  # fixed: the random projections are part of the encoder's definition

@@ -476,7 +476,7 @@ class PatchEncoder(nn.Module):
         return self(self.preprocess(tiles)).cpu()
 
     def features_attrs(self) -> dict[str, Any]:
-        """Provenance stored on the bag's ``features`` dataset (DESIGN §3)."""
+        """Provenance stored on the bag's ``features`` dataset (docs/architecture.md §4)."""
         return {
             "encoder": self.cfg.name,
             "name": self.cfg.name,  # TRIDENT's key

@@ -14,13 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from milkit.feature_extraction.encoders.registry import (
     EncoderCfg,
     load_state_dict,
     load_strict,
     register_encoder,
 )
-from torch import nn
 
 RESNET50_TRUNC = EncoderCfg(
     name="resnet50-trunc",

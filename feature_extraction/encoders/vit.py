@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from milkit.feature_extraction.encoders.registry import (
     EncoderCfg,
     load_state_dict,
     load_strict,
     register_encoder,
 )
-from torch import nn
 
 _GATED_NC = "CC-BY-NC-ND-4.0 (gated)"
 

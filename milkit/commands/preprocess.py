@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "preprocess",
         help="segment, tile and encode slides into bags",
-        description="Turn whole-slide images into HDF5 bags of patch features (DESIGN §3).",
+        description='Turn whole-slide images into HDF5 bags of patch features (format: README, "The bag format").',
         epilog=EXAMPLE,
         formatter_class=_HelpFormatter,
     )

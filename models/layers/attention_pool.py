@@ -33,8 +33,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from milkit.models.layers.masking import fill_masked
 from torch import Tensor, nn
+
+from milkit.models.layers.masking import fill_masked
 
 _ACTS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 

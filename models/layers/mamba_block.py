@@ -40,13 +40,14 @@ import sys
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
 from milkit.models.layers.selective_scan import (
     cuda_selective_scan_fn,
     selective_scan,
     selective_scan_chunked,
 )
-from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 __all__ = ["BiMamba", "Mamba", "SRMamba", "causal_conv1d", "sr_order", "sr_unorder"]
 

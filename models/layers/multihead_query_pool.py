@@ -18,8 +18,9 @@ import math
 
 import torch
 from einops import rearrange
-from milkit.models.layers.masking import fill_masked, masked_softmax
 from torch import Tensor, nn
+
+from milkit.models.layers.masking import fill_masked, masked_softmax
 
 
 class MultiHeadQueryPool(nn.Module):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from milkit.feature_extraction.encoders import create_encoder
-from milkit.feature_extraction.encoders.registry import load_state_dict
 
 from milkit.errors import MilkitError
+from milkit.feature_extraction.encoders import create_encoder
+from milkit.feature_extraction.encoders.registry import load_state_dict
 
 V1 = "resnet50-0676ba61.pth"  # torchvision >= 0.13, IMAGENET1K_V1
 CLAM_V1 = "resnet50-19c8e357.pth"  # the URL CLAM's resnet_custom.py loads

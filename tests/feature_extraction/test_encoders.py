@@ -10,11 +10,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from milkit.errors import MilkitError
 from milkit.feature_extraction.encoders import create_encoder, get_encoder_cfg, list_encoders
 from milkit.feature_extraction.encoders import vit as vit_mod
 from milkit.feature_extraction.encoders.resnet import build_resnet50_backbone
-
-from milkit.errors import MilkitError
 
 
 @pytest.fixture()
@@ -268,6 +268,7 @@ def _fast():
 def test_auto_precision_keeps_declared_fp32_encoders_fp32(monkeypatch, native_bf16):
     """resnet50-trunc is declared fp32 (CLAM, TRIDENT): auto never autocasts it to bf16."""
     import torch
+
     from milkit.feature_extraction.encoders import get_encoder_cfg, registry
 
     monkeypatch.setattr(registry, "cpu_has_native_bf16", lambda: native_bf16)

@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from milkit.bags import is_complete_bag, read_bag, write_bag
+from milkit.errors import MilkitError
 from milkit.feature_extraction.extract import (
     ExtractConfig,
     acquire_lock,
@@ -24,9 +27,6 @@ from milkit.feature_extraction.extract import (
     read_manifest,
     select_shard,
 )
-
-from milkit.bags import is_complete_bag, read_bag, write_bag
-from milkit.errors import MilkitError
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = [
@@ -383,6 +383,7 @@ def test_killed_run_resumes_to_identical_bags(tmp_path):
 @pytest.mark.slow
 def test_resnet50_trunc_run_with_local_checkpoint(tmp_path):
     import torch
+
     from milkit.feature_extraction.encoders.registry import file_sha256
     from milkit.feature_extraction.encoders.resnet import build_resnet50_backbone
     from milkit.feature_extraction.synthetic import make_synthetic_slide

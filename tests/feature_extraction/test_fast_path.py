@@ -16,13 +16,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+
+from milkit.errors import MilkitError
 from milkit.feature_extraction.encoders import create_encoder
 from milkit.feature_extraction.encoders.registry import cpu_has_native_bf16
 from milkit.feature_extraction.encoders.resnet import build_resnet50_backbone
 from milkit.feature_extraction.extract import ExtractConfig, preprocess
 from milkit.feature_extraction.recipe import build_recipe, recipe_differences
-
-from milkit.errors import MilkitError
 
 COSINE_FAST = 0.999  # the bound for every fast path
 COSINE_FP32 = 0.99999  # fp32 in another runtime: only summation order differs

@@ -8,6 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
+from milkit.errors import MilkitError
 from milkit.feature_extraction.qc import (
     INK_RGB,
     TILE_RGB,
@@ -21,8 +23,6 @@ from milkit.feature_extraction.slides import Slide
 from milkit.feature_extraction.synthetic import make_ink_case, make_synthetic_slide
 from milkit.feature_extraction.tiling import TileSpec, plan_tiles
 from milkit.feature_extraction.tissue import TissueMask, TissueParams, segment_tissue
-
-from milkit.errors import MilkitError
 
 
 def _count(img: np.ndarray, rgb: tuple[int, int, int]) -> int:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from milkit.errors import MilkitError
 from milkit.feature_extraction import slides as slides_mod
 from milkit.feature_extraction.slides import (
     Slide,
@@ -18,8 +20,6 @@ from milkit.feature_extraction.slides import (
     read_mpp_csv,
 )
 from milkit.feature_extraction.synthetic import make_plain_tiff, make_synthetic_slide, render_region
-
-from milkit.errors import MilkitError
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from milkit.errors import MilkitError
 from milkit.feature_extraction.coverage import box_coverage
 from milkit.feature_extraction.synthetic import (
     SyntheticSlide,
@@ -22,8 +24,6 @@ from milkit.feature_extraction.synthetic import (
     render_region,
     tumour_fraction_of_tiles,
 )
-
-from milkit.errors import MilkitError
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import openslide
 import pytest
+
+from milkit.errors import MilkitError
 from milkit.feature_extraction.synthetic import (
     PEN_RGB,
     PenStroke,
@@ -16,8 +18,6 @@ from milkit.feature_extraction.synthetic import (
     make_synthetic_slide,
     render_region,
 )
-
-from milkit.errors import MilkitError
 
 
 def test_strokes_are_rendered_where_the_ink_mask_says(tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from milkit.errors import MilkitError
 from milkit.feature_extraction.slides import Slide
 from milkit.feature_extraction.synthetic import make_synthetic_slide
 from milkit.feature_extraction.tiling import (
@@ -20,8 +22,6 @@ from milkit.feature_extraction.tiling import (
     read_tile,
 )
 from milkit.feature_extraction.tissue import TissueMask, TissueParams, segment_tissue
-
-from milkit.errors import MilkitError
 
 DESIGN_COORDS_ATTRS = {
     "patch_size",

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from milkit.errors import MilkitError
 from milkit.feature_extraction.slides import Slide
 from milkit.feature_extraction.synthetic import make_synthetic_slide
 from milkit.feature_extraction.tissue import (
@@ -18,8 +20,6 @@ from milkit.feature_extraction.tissue import (
     segment_rgb,
     segment_tissue,
 )
-
-from milkit.errors import MilkitError
 
 PINK = (220, 120, 180)
 GLASS = (242, 242, 242)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from milkit.errors import MilkitError
 from milkit.feature_extraction.extract import ExtractConfig
 from milkit.feature_extraction.slides import Slide
 from milkit.feature_extraction.synthetic import (
@@ -32,8 +34,6 @@ from milkit.feature_extraction.tissue import (
     segment_rgb_with_ink,
     segment_tissue,
 )
-
-from milkit.errors import MilkitError
 
 OFF = dataclasses.replace(TissueParams(), pen_ink=())
 GLASS = (242, 242, 243)
@@ -246,9 +246,8 @@ def test_extract_config_and_cli_pass_the_option_into_the_tissue_parameters() -> 
 
 
 def test_preprocess_records_the_pen_filter_in_the_bag_and_qc(ink_case, tmp_path: Path) -> None:
-    from milkit.feature_extraction.extract import preprocess
-
     from milkit.bags import read_bag_header
+    from milkit.feature_extraction.extract import preprocess
 
     inked, _ = ink_case
     cfg = ExtractConfig(encoder="fast", num_workers=0, progress=False, device="cpu")

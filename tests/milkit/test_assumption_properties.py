@@ -7,11 +7,11 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
-from milkit.models.base import MILModel, MILOutput, check_bag_input
 from torch import Tensor, nn
 
 from milkit import models
 from milkit.assumptions.properties import check_properties, monotone_violation_rate
+from milkit.models.base import MILModel, MILOutput, check_bag_input
 
 
 class MeanPool(MILModel):

@@ -9,7 +9,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from milkit.models.base import MILModel, MILOutput, check_bag_input
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
@@ -28,6 +27,7 @@ from milkit.assumptions.runner import (
     verdict,
 )
 from milkit.errors import MilkitError
+from milkit.models.base import MILModel, MILOutput, check_bag_input
 
 
 class MeanPool(MILModel):

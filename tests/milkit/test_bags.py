@@ -1,4 +1,4 @@
-"""The bag file contract (DESIGN §3): layout, raster order, atomicity, CLAM/TRIDENT readers."""
+"""The bag file contract (docs/architecture.md §4): layout, raster order, atomicity, CLAM/TRIDENT readers."""
 
 from __future__ import annotations
 

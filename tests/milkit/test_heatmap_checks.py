@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from milkit.feature_extraction.encoders.registry import file_sha256
 
 from milkit.bags import write_bag
 from milkit.cli import main
 from milkit.errors import MilkitError
+from milkit.feature_extraction.encoders.registry import file_sha256
 from milkit.heatmap import check_slide_matches_bag, heatmap_figure, heatmap_for_slide
 from tests.milkit._train_helpers import one_thread  # noqa: F401 (autouse fixture)
 from tests.milkit.test_cv import make_cohort

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from milkit.feature_extraction.synthetic import make_plain_tiff
 
 from milkit.bags import read_bag_header, write_bag
 from milkit.cli import main
 from milkit.errors import MilkitError, tidy_floats
+from milkit.feature_extraction.synthetic import make_plain_tiff
 
 REPO = Path(__file__).resolve().parents[2]
 NOISY = 0.499 * (0.25 / 0.499)  # 0.24999999999999997, how --mpp 0.25 used to be printed

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from milkit.models.abmil import ABMIL
 
 from milkit.bags import write_bag
 from milkit.cli import main
+from milkit.models.abmil import ABMIL
 from milkit.oom import BagOutOfMemoryError, is_out_of_memory, oom_context, remedy
 from tests.milkit._train_helpers import one_thread, planted_bags  # noqa: F401 (autouse fixture)
 

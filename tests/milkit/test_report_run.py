@@ -113,9 +113,8 @@ def test_report_cis_contain_the_value_and_brier_matches_sklearn(run_with_slides)
 
 @pytest.mark.slow
 def test_report_with_slides_draws_heatmaps_and_the_top_tiles(run_with_slides):
-    from milkit.feature_extraction.slides import Slide
-
     from milkit.commands.heatmap import attention_scores
+    from milkit.feature_extraction.slides import Slide
 
     root = run_with_slides
     out = root / "with_slides"

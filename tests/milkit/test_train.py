@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from milkit.models.base import MILModel, MILOutput
 from torch import nn
 
 from milkit.distributed import EpochSampler, balanced_weights
 from milkit.errors import MilkitError
+from milkit.models.base import MILModel, MILOutput
 from milkit.train import (
     Predictions,
     TrainConfig,

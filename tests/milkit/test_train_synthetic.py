@@ -18,6 +18,10 @@ N_SLIDES = 12
 
 @pytest.mark.slow
 def test_abmil_learns_synthetic_tumour_and_attends_to_it(tmp_path):
+    from milkit.bags import read_bag
+    from milkit.checkpoint import load_checkpoint
+    from milkit.cv import cross_validate
+    from milkit.data import BagDataset, load_labels
     from milkit.feature_extraction.extract import ExtractConfig, preprocess
     from milkit.feature_extraction.synthetic import (
         load_synthetic_masks,
@@ -25,11 +29,6 @@ def test_abmil_learns_synthetic_tumour_and_attends_to_it(tmp_path):
         masks_path_for,
         tumour_fraction_of_tiles,
     )
-
-    from milkit.bags import read_bag
-    from milkit.checkpoint import load_checkpoint
-    from milkit.cv import cross_validate
-    from milkit.data import BagDataset, load_labels
     from milkit.metrics import classification_metrics
     from milkit.train import TrainConfig, predict
 

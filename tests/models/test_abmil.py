@@ -8,10 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from milkit.models.abmil import ABMIL
-from milkit.models.layers.attention_pool import AttentionPool
 
 from milkit import models
+from milkit.models.abmil import ABMIL
+from milkit.models.layers.attention_pool import AttentionPool
 
 
 def _set(linear: torch.nn.Linear, weight: list, bias: list | None) -> None:

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from milkit.models.aem import AEM, attention_entropy_term, subsample_instances
-from milkit.models.base import MILModel, MILOutput
-from milkit.models.registry import _REGISTRY, register_aggregator
 from torch import nn
 
 from milkit import models
 from milkit.errors import MilkitError
+from milkit.models.aem import AEM, attention_entropy_term, subsample_instances
+from milkit.models.base import MILModel, MILOutput
+from milkit.models.registry import _REGISTRY, register_aggregator
 
 D = 16
 

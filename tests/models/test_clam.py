@@ -10,12 +10,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from milkit.models.clam import CLAM_TRAINING_PRESET, smooth_top1_svm_loss
-from milkit.models.registry import get_entry
 from torch import nn
 
 from milkit import models
 from milkit.errors import MilkitError
+from milkit.models.clam import CLAM_TRAINING_PRESET, smooth_top1_svm_loss
+from milkit.models.registry import get_entry
 from tests.conftest import SHARED_DATA
 
 FIDELITY = SHARED_DATA / "fidelity"

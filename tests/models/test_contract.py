@@ -1,4 +1,4 @@
-"""The aggregator contract (DESIGN §4), checked for EVERY registered model.
+"""The aggregator contract (docs/architecture.md §6), checked for EVERY registered model.
 
 Each case builds the model at a tiny size (``in_dim`` 32, N ≤ 40) so the whole suite stays fast;
 models whose defaults are large get small overrides in ``SMALL``. Parameters that legitimately
@@ -12,10 +12,10 @@ import fnmatch
 
 import pytest
 import torch
-from milkit.models.base import MILModel, MILOutput
 from torch import nn
 
 from milkit import models
+from milkit.models.base import MILModel, MILOutput
 
 IN_DIM, NUM_CLASSES = 32, 3
 

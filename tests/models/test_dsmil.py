@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from milkit.models.registry import get_entry
 from torch import nn
 
 from milkit import models
+from milkit.models.registry import get_entry
 
 DATA = Path(__file__).parent / "data"
 CE = nn.CrossEntropyLoss()

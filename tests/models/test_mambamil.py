@@ -8,9 +8,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from milkit.models.layers.mamba_block import BiMamba, Mamba, SRMamba, sr_order, sr_unorder
 
 from milkit import models
+from milkit.models.layers.mamba_block import BiMamba, Mamba, SRMamba, sr_order, sr_unorder
 
 SMALL = {"dim": 16, "d_state": 4, "expand": 2, "attn_dim": 8}
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from milkit.models.layers.mhim_masking import ceil_count, cosine_value, mhim_mask, vote_topk
 
 from milkit import models
 from milkit.errors import MilkitError
+from milkit.models.layers.mhim_masking import ceil_count, cosine_value, mhim_mask, vote_topk
 
 SMALL_T = {"dim": 32, "heads": 2, "num_landmarks": 8}
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from milkit.models.official import FAMILIES, get_family
 
 from milkit import models
 from milkit.errors import MilkitError
+from milkit.models.official import FAMILIES, get_family
 
 
 def clam_sb_state(gated: bool = True, d: int = 16, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -6,6 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from milkit import models
 from milkit.models.layers.region_attention import (
     CrossRegionAttention,
     InnerAttention,
@@ -14,8 +16,6 @@ from milkit.models.layers.region_attention import (
     sequence_to_regions,
 )
 from milkit.models.r2t import R2TEncoder
-
-from milkit import models
 
 SMALL = {"dim": 16, "n_heads": 2, "crmsa_heads": 2, "attn_dim": 8, "region_num": 2}
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from milkit.models.registry import _REGISTRY, create, get_entry, list_models, register_aggregator
 from torch import nn
+
+from milkit.models.registry import _REGISTRY, create, get_entry, list_models, register_aggregator
 
 
 class _Toy(nn.Module):

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from milkit.models.abmil import ABMIL
-from milkit.models.layers.supcon import ProjectionHead, supcon_loss
-from milkit.models.scmil import SCMIL, scmil_beta
 from torch import nn
 
 from milkit import models
 from milkit.errors import MilkitError
+from milkit.models.abmil import ABMIL
+from milkit.models.layers.supcon import ProjectionHead, supcon_loss
+from milkit.models.scmil import SCMIL, scmil_beta
 
 D = 12
 SMALL = {"base_kwargs": {"fc_dim": 8, "attn_dim": 4}, "proj_dim": 6}

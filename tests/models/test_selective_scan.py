@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from milkit.models.layers import selective_scan as scan_module
 from milkit.models.layers.selective_scan import (
     selective_scan,

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 from einops import rearrange
-from milkit.models.layers.nystrom import NystromAttention
 
 from milkit import models
+from milkit.models.layers.nystrom import NystromAttention
 
 
 def _reference_nystrom(layer: NystromAttention, x: torch.Tensor) -> torch.Tensor:
