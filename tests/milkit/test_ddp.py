@@ -46,17 +46,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_process_ddp_equals_single_process_with_accumulation(tmp_path):
-    # fork: the children reuse modules imported here. Spawn would re-import torch, sklearn,
-    # every model, and torch._dynamo (pulled in lazily by the first optimiser; ~10 s alone).
-    import sklearn.metrics  # noqa: F401
-    import torch._dynamo
-    import torch.nn.parallel
-
-    import milkit.metrics  # noqa: F401
-    from milkit import models  # noqa: F401
-
+    # spawn, not fork: a pytest worker that already ran autograd cannot fork autograd users
+    # ("Unable to handle autograd's threading in combination with fork-based multiprocessing");
+    # the children import torch and milkit again (a few seconds).
     mp.start_processes(
-        _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+        _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
     )
     ddp = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
     best = torch.load(tmp_path / "best.pt", weights_only=True)["state_dict"]

@@ -85,16 +85,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_every_registered_model_trains_under_ddp(tmp_path):
-    # fork: the children reuse the modules imported here (see test_ddp.py)
-    import sklearn.metrics  # noqa: F401
-    import torch._dynamo
-    import torch.nn.parallel  # noqa: F401
-
-    import milkit.metrics
-    import milkit.train  # noqa: F401
-
+    # spawn, not fork: a pytest worker that already ran autograd cannot fork autograd users
+    # ("Unable to handle autograd's threading in combination with fork-based multiprocessing")
     mp.start_processes(
-        _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+        _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
     )
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
@@ -145,12 +139,11 @@ def _cv_worker(rank: int, world: int, port: int, root: str) -> None:
 def test_cross_validate_under_ddp_has_no_run_folder_race(tmp_path):
     """Rank 1 used to find the run.json rank 0 had just written: "run folder already holds a
     run" (one torchrun in three failed on a 2-core machine)."""
-    import milkit.cv  # noqa: F401
     from tests.milkit.test_cv import make_cohort
 
     make_cohort(tmp_path, n=12, shift=8.0)
     mp.start_processes(
-        _cv_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+        _cv_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
     )
     errors = [p.read_text() for p in tmp_path.glob("err*")]
     assert not errors, errors
