@@ -26,6 +26,7 @@ from milkit.report.attention import (
     tumour_localisation,
 )
 from milkit.report.document import (
+    METRICS,
     Document,
     Figure,
     Figures,
@@ -35,12 +36,6 @@ from milkit.report.document import (
     write_document,
 )
 
-METRICS = (
-    ("auc", "AUC"),
-    ("accuracy", "Accuracy"),
-    ("balanced_accuracy", "Balanced accuracy"),
-    ("f1_macro", "F1 (macro)"),
-)
 N_HEATMAPS = 3  # tumour slides drawn (plus one normal slide for contrast)
 N_QC = 4
 

@@ -41,6 +41,14 @@ code { background: #f4f4f4; padding: 0 .25em; }
 
 _VERDICT_CLASS = {"PASS": "pass", "FAIL": "fail", "ERROR": "fail", "DID NOT LEARN": "warn"}
 
+# The slide-level metrics every report shows, with their labels (one list for every report).
+METRICS = (
+    ("auc", "AUC"),
+    ("accuracy", "Accuracy"),
+    ("balanced_accuracy", "Balanced accuracy"),
+    ("f1_macro", "F1 (macro)"),
+)
+
 
 @dataclass
 class Heading:

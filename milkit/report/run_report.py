@@ -32,6 +32,7 @@ from milkit.atomic import atomic_path
 from milkit.attention_export import TILE_PX, save_top_tiles
 from milkit.errors import MilkitError
 from milkit.report.document import (
+    METRICS,
     Document,
     Figure,
     Figures,
@@ -39,13 +40,6 @@ from milkit.report.document import (
     Paragraph,
     Table,
     write_document,
-)
-
-METRICS = (
-    ("auc", "AUC"),
-    ("accuracy", "Accuracy"),
-    ("balanced_accuracy", "Balanced accuracy"),
-    ("f1_macro", "F1 (macro)"),
 )
 
 
