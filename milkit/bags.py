@@ -117,7 +117,11 @@ class BagHeader:
 
 
 def slide_id_from_path(path: str | os.PathLike[str]) -> str:
-    """Slide id of a bag file: its name without the bag suffix (and TRIDENT's ``_patches``)."""
+    """Slide id of a bag file: its name without the bag suffix (``.h5``, ``.hdf5``, ``.pt``).
+
+    Nothing else is stripped: TRIDENT's ``<id>_patches.h5`` files hold coordinates only and are
+    never read as bags (``milkit.bag_folders``), and a slide may itself end in ``_patches``.
+    """
     name = Path(path).name
     for suffix in BAG_SUFFIXES:
         if name.endswith(suffix):
