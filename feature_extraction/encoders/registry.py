@@ -520,25 +520,25 @@ def create_encoder(
     Returns:
         ``(encoder, cfg)``; ``encoder.encode(uint8 tiles)`` gives float32 features.
     """
-    cfg = get_encoder_cfg(name)
-    builder = _REGISTRY[name][0]
-    path = resolve_weights(cfg, weights)
-    model = builder(cfg, path)
-    enc = PatchEncoder(model, cfg, path)
-    dev = torch.device(device)
     from milkit.feature_extraction.encoders.runtimes import (
         check_runtime,
         compile_for_runtime,
         fold_batchnorm,
     )
 
+    cfg = get_encoder_cfg(name)
+    dev = torch.device(device)
+    # Every argument is checked before weights are read or a model is built; argument errors
+    # (a precision the runtime cannot run) come before "not installed".
     if compile not in ("auto", "on", "off"):
         raise MilkitError("compile must be auto, on or off", value=compile)
-    check_runtime(runtime, dev, "fp32")  # installed, right device (precision checked below)
     resolved = resolve_precision(cfg, dev, precision)
     if runtime == "onnxruntime" and precision == "auto":
         resolved = "fp32"  # its CPU kernels are fp32
     check_runtime(runtime, dev, resolved)
+    builder = _REGISTRY[name][0]
+    path = resolve_weights(cfg, weights)
+    enc = PatchEncoder(builder(cfg, path), cfg, path)
     enc.precision, enc.runtime, enc.compile = resolved, runtime, compile
     enc = enc.to(dev).eval()
     for p in enc.parameters():
