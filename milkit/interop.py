@@ -1,4 +1,4 @@
-"""Export milkit bags to the folder layouts of CLAM and TRIDENT, and read CLAM's split files.
+"""Export milkit bags to the folder layouts of CLAM and TRIDENT (CLAM split files: milkit.splits).
 
 CLAM (github.com/mahmoodlab/CLAM, ``dataset_modules/dataset_generic.py``): training reads
 ``<data_dir>/pt_files/<slide_id>.pt``, a ``torch.save`` of the float32 (N, D) feature tensor
@@ -36,9 +36,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-from milkit.atomic import atomic_path, atomic_write_text
+from milkit.atomic import atomic_path
 from milkit.bags import _to_attr, list_bags, read_bag, read_bag_header
 from milkit.errors import MilkitError
+from milkit.splits import (  # noqa: F401  (CLAM split files are read and written by milkit.splits)
+    is_clam_split_frame,
+    read_clam_splits,
+    write_clam_splits,
+)
 
 EXPORT_TARGETS = ("clam", "trident")
 # coords attributes TRIDENT's readers need to rebuild the patcher (WSI.extract_features,
@@ -259,101 +264,3 @@ def export_bags(
             + ", ".join(sorted(p.parent.name for p in result.folders))
         )
     return result
-
-
-# ---------------------------------------------------------------------------------- CLAM splits
-_CLAM_SPLIT_NAME = re.compile(r"splits_(\d+)(_bool)?\.csv$")
-
-
-def is_clam_split_frame(columns: Sequence[str]) -> bool:
-    """True for CLAM's wide layout: ``train``, ``val``, ``test`` columns and no ``slide_id``."""
-    cols = {str(c).strip() for c in columns}
-    return {"train", "val", "test"} <= cols and "slide_id" not in cols
-
-
-def read_clam_splits(path: str | os.PathLike[str]) -> list[Any]:
-    """Read CLAM split files: one ``splits_<k>.csv`` (or ``_bool.csv``), or a folder of them.
-
-    The fold number is ``k`` from the file name (0 when the name has none). Slide ids are kept as
-    text (zero padding survives), empty cells are CLAM's padding.
-
-    Returns:
-        ``milkit.splits.FoldSplit`` per fold, sorted by fold.
-
-    Raises:
-        MilkitError: no split files in the folder, a file without ``train,val,test`` columns,
-            boolean cells that are not True/False, or a slide in two parts of a fold.
-    """
-    import pandas as pd
-
-    from milkit.splits import FoldSplit
-
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(
-            (
-                p
-                for p in path.iterdir()
-                if _CLAM_SPLIT_NAME.search(p.name) and "_bool" not in p.name
-            ),
-            key=lambda p: int(_CLAM_SPLIT_NAME.search(p.name).group(1)),  # type: ignore[union-attr]
-        )
-        if not files:  # only boolean files
-            files = sorted(
-                (p for p in path.iterdir() if _CLAM_SPLIT_NAME.search(p.name)),
-                key=lambda p: int(_CLAM_SPLIT_NAME.search(p.name).group(1)),  # type: ignore[union-attr]
-            )
-        if not files:
-            raise MilkitError(
-                "no CLAM split files (splits_<k>.csv) in folder",
-                path=path,
-                hint="Pass a milkit split file (slide_id,fold,split) or CLAM's splits folder",
-            )
-        return [s for f in files for s in read_clam_splits(f)]
-    if not path.is_file():
-        raise MilkitError("split file not found", path=path)
-    found = _CLAM_SPLIT_NAME.search(path.name)
-    fold = int(found.group(1)) if found else 0
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=0)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, IndexError) as err:
-        raise MilkitError(f"cannot parse CLAM split file ({err})", path=path) from err
-    frame.columns = [str(c).strip().lower() for c in frame.columns]
-    if not {"train", "val", "test"} <= set(frame.columns):
-        raise MilkitError(
-            f"CLAM split file needs train,val,test columns; it has {list(frame.columns)}",
-            path=path,
-        )
-    parts: dict[str, list[str]] = {}
-    values = {v.strip().lower() for c in ("train", "val", "test") for v in frame[c]}
-    boolean = values <= {"true", "false"}
-    for name in ("train", "val", "test"):
-        if boolean:  # splits_<k>_bool.csv: slide ids are the index
-            ids = frame.index[frame[name].str.strip().str.lower() == "true"]
-        else:
-            ids = frame[name].str.strip()
-            ids = ids[ids != ""]
-        parts[name] = [str(s).strip() for s in ids]
-    every = parts["train"] + parts["val"] + parts["test"]
-    if len(set(every)) != len(every):
-        dup = sorted({s for s in every if every.count(s) > 1})
-        raise MilkitError(f"CLAM split file puts slide(s) in two parts: {dup[:5]}", path=path)
-    return [FoldSplit(fold, parts["train"], parts["val"], parts["test"])]
-
-
-def write_clam_splits(splits: Sequence[Any], folder: str | os.PathLike[str]) -> list[Path]:
-    """Write ``splits_<k>.csv`` per fold in CLAM's wide layout (atomic), as CLAM's
-    ``save_splits`` does; returns the files."""
-    import pandas as pd
-
-    folder = Path(folder)
-    written = []
-    for s in splits:
-        cols = {
-            name: pd.Series(getattr(s, name), dtype=object) for name in ("train", "val", "test")
-        }
-        frame = pd.concat(cols, axis=1, ignore_index=False)
-        path = folder / f"splits_{s.fold}.csv"
-        atomic_write_text(path, frame.to_csv())
-        written.append(path)
-    return written

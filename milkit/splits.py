@@ -10,6 +10,7 @@ with the run and can be reused.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -249,10 +250,8 @@ def load_splits(path: str | os.PathLike[str]) -> list[FoldSplit]:
     """Read a split file written by ``save_splits`` (or by hand: ``slide_id,fold,split``).
 
     CLAM's split files (``splits_<k>.csv`` with ``train,val,test`` columns, or a folder of them)
-    are read by ``milkit.interop.read_clam_splits``.
+    are read by :func:`read_clam_splits`.
     """
-    from milkit.interop import is_clam_split_frame, read_clam_splits
-
     path = Path(path)
     if path.is_dir():
         return read_clam_splits(path)
@@ -295,11 +294,106 @@ def load_splits(path: str | os.PathLike[str]) -> list[FoldSplit]:
     return out
 
 
+# ---------------------------------------------------------------------------------- CLAM splits
+_CLAM_SPLIT_NAME = re.compile(r"splits_(\d+)(_bool)?\.csv$")
+
+
+def is_clam_split_frame(columns: Sequence[str]) -> bool:
+    """True for CLAM's wide layout: ``train``, ``val``, ``test`` columns and no ``slide_id``."""
+    cols = {str(c).strip() for c in columns}
+    return {"train", "val", "test"} <= cols and "slide_id" not in cols
+
+
+def read_clam_splits(path: str | os.PathLike[str]) -> list[FoldSplit]:
+    """Read CLAM split files: one ``splits_<k>.csv`` (or ``_bool.csv``), or a folder of them.
+
+    The fold number is ``k`` from the file name (0 when the name has none). Slide ids are kept as
+    text (zero padding survives), empty cells are CLAM's padding.
+
+    Returns:
+        ``FoldSplit`` per fold, sorted by fold.
+
+    Raises:
+        MilkitError: no split files in the folder, a file without ``train,val,test`` columns,
+            boolean cells that are not True/False, or a slide in two parts of a fold.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(
+            (
+                p
+                for p in path.iterdir()
+                if _CLAM_SPLIT_NAME.search(p.name) and "_bool" not in p.name
+            ),
+            key=lambda p: int(_CLAM_SPLIT_NAME.search(p.name).group(1)),  # type: ignore[union-attr]
+        )
+        if not files:  # only boolean files
+            files = sorted(
+                (p for p in path.iterdir() if _CLAM_SPLIT_NAME.search(p.name)),
+                key=lambda p: int(_CLAM_SPLIT_NAME.search(p.name).group(1)),  # type: ignore[union-attr]
+            )
+        if not files:
+            raise MilkitError(
+                "no CLAM split files (splits_<k>.csv) in folder",
+                path=path,
+                hint="Pass a milkit split file (slide_id,fold,split) or CLAM's splits folder",
+            )
+        return [s for f in files for s in read_clam_splits(f)]
+    if not path.is_file():
+        raise MilkitError("split file not found", path=path)
+    found = _CLAM_SPLIT_NAME.search(path.name)
+    fold = int(found.group(1)) if found else 0
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=0)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, IndexError) as err:
+        raise MilkitError(f"cannot parse CLAM split file ({err})", path=path) from err
+    frame.columns = [str(c).strip().lower() for c in frame.columns]
+    if not {"train", "val", "test"} <= set(frame.columns):
+        raise MilkitError(
+            f"CLAM split file needs train,val,test columns; it has {list(frame.columns)}",
+            path=path,
+        )
+    parts: dict[str, list[str]] = {}
+    values = {v.strip().lower() for c in ("train", "val", "test") for v in frame[c]}
+    boolean = values <= {"true", "false"}
+    for name in ("train", "val", "test"):
+        if boolean:  # splits_<k>_bool.csv: slide ids are the index
+            ids = frame.index[frame[name].str.strip().str.lower() == "true"]
+        else:
+            ids = frame[name].str.strip()
+            ids = ids[ids != ""]
+        parts[name] = [str(s).strip() for s in ids]
+    every = parts["train"] + parts["val"] + parts["test"]
+    if len(set(every)) != len(every):
+        dup = sorted({s for s in every if every.count(s) > 1})
+        raise MilkitError(f"CLAM split file puts slide(s) in two parts: {dup[:5]}", path=path)
+    return [FoldSplit(fold, parts["train"], parts["val"], parts["test"])]
+
+
+def write_clam_splits(splits: Sequence[FoldSplit], folder: str | os.PathLike[str]) -> list[Path]:
+    """Write ``splits_<k>.csv`` per fold in CLAM's wide layout (atomic), as CLAM's
+    ``save_splits`` does; returns the files."""
+    folder = Path(folder)
+    written = []
+    for s in splits:
+        cols = {
+            name: pd.Series(getattr(s, name), dtype=object) for name in ("train", "val", "test")
+        }
+        frame = pd.concat(cols, axis=1, ignore_index=False)
+        path = folder / f"splits_{s.fold}.csv"
+        atomic_write_text(path, frame.to_csv())
+        written.append(path)
+    return written
+
+
 __all__ = [
     "FoldSplit",
     "fixed_split",
+    "is_clam_split_frame",
     "load_splits",
     "make_cv_splits",
+    "read_clam_splits",
     "save_splits",
     "validate_splits",
+    "write_clam_splits",
 ]

@@ -57,7 +57,6 @@ __all__ = [
     "Predictions",
     "TrainConfig",
     "Trainer",
-    "cross_validate",
     "fit_model",
     "load_checkpoint",
     "predict",
@@ -933,10 +932,3 @@ def predict(
         probs=np.concatenate(probs, axis=0) if probs else np.zeros((0, num_classes)),
         attention=attention,
     )
-
-
-def cross_validate(*args: Any, **kwargs: Any):
-    """K-fold cross-validation; see ``milkit.cv.cross_validate`` (imported lazily)."""
-    from milkit.cv import cross_validate as _cross_validate
-
-    return _cross_validate(*args, **kwargs)

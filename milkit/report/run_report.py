@@ -175,20 +175,20 @@ def brier_score(y: np.ndarray, probs: np.ndarray) -> float:
 
 # ---------------------------------------------------------------------------- figures
 def _figure(width_px: int, height_px: int) -> Any:
-    from milkit.heatmap import new_figure
+    from milkit.figures import new_figure
 
     return new_figure(width_px, height_px)
 
 
 def _save(fig: Any, path: Path) -> Path:
-    from milkit.heatmap import save_figure
+    from milkit.figures import save_figure
 
     return save_figure(fig, path)
 
 
 def plot_confusion(cm: np.ndarray, names: Sequence[str], out_png: Path) -> Path:
     """Counts per (true, predicted) class, shaded by the row share (recall)."""
-    from milkit.heatmap import points
+    from milkit.figures import points
 
     size = max(420, 90 * len(names) + 200)
     fig = _figure(size, size)
@@ -219,7 +219,7 @@ def plot_calibration(
     Returns the PNG and the number of bins."""
     from sklearn.calibration import calibration_curve
 
-    from milkit.heatmap import points
+    from milkit.figures import points
 
     n_bins = int(max(2, min(10, len(y) // 5)))
     fig = _figure(560, 640)

@@ -112,7 +112,7 @@ window.addEventListener("load", () => {
 @pytest.mark.slow
 def test_report_shows_heatmaps_large_enough_to_read(tiny_demo) -> None:
     """Before: heatmaps (and QC images) were shown 520 (340) px wide, their ~19 px text at ~8 px."""
-    from milkit.heatmap import font_px
+    from milkit.figures import font_px
     from tests.milkit.test_report_run import _CHROMIUM, _browser
 
     out, _ = tiny_demo
