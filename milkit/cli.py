@@ -74,7 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return 3 if isinstance(err, BagOutOfMemoryError) else 2  # 3: out of memory, as below
     except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
-        if not _is_out_of_memory(err):
+        from milkit.oom import is_out_of_memory
+
+        if not is_out_of_memory(err):
             raise
         print(
             f"milkit {args.command}: error: out of memory ({str(err).splitlines()[0][:200]}). "
@@ -87,14 +89,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"milkit {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-def _is_out_of_memory(err: BaseException) -> bool:
-    """True for host or device out-of-memory errors raised by torch or numpy."""
-    if isinstance(err, MemoryError):
-        return True
-    text = str(err).lower()
-    return "out of memory" in text or "can't allocate memory" in text
 
 
 if __name__ == "__main__":

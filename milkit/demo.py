@@ -28,6 +28,7 @@ from typing import Any
 
 from milkit.atomic import atomic_write_text
 from milkit.errors import MilkitError
+from milkit.oom import is_out_of_memory
 
 # Demo defaults, sized for < 5 minutes on 2 CPU cores (see module docstring of milkit.commands.demo)
 DEFAULT_SLIDES = 24
@@ -314,17 +315,6 @@ def _check_existing_run(run_dir: Path, model: str, folds: int, config: Any) -> N
         )
 
 
-def _is_oom(err: BaseException) -> bool:
-    import torch
-
-    oom_type = getattr(torch, "OutOfMemoryError", None)
-    if oom_type is not None and isinstance(err, oom_type):
-        return True
-    return isinstance(err, (RuntimeError, MemoryError)) and (
-        isinstance(err, MemoryError) or "out of memory" in str(err).lower()
-    )
-
-
 def train_cv(table: Any, model: str, config: Any, run_dir: Path, folds: int) -> Any:
     """Stage 3: ``milkit.cv.cross_validate`` (finished folds are reused); OOM → a clear hint."""
     from milkit.cv import cross_validate
@@ -333,7 +323,7 @@ def train_cv(table: Any, model: str, config: Any, run_dir: Path, folds: int) -> 
     try:
         return cross_validate(table, model, config, run_dir, folds=folds, resume=True)
     except Exception as err:
-        if not _is_oom(err):
+        if not is_out_of_memory(err):
             raise
         raise MilkitError(
             f"out of memory while training {model} ({type(err).__name__})",

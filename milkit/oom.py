@@ -19,6 +19,7 @@ TransMIL's self-attention is not) and is not done here.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 
 from milkit.errors import MilkitError
@@ -27,8 +28,15 @@ PHASES = ("train", "validate", "test", "predict", "heatmap")
 
 
 def is_out_of_memory(err: BaseException) -> bool:
-    """True for host or device out-of-memory errors raised by torch or numpy."""
+    """True for host or device out-of-memory errors raised by torch or numpy.
+
+    The one check used by the trainer, ``predict``, the demo and the command line's exit status 3.
+    """
     if isinstance(err, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # a torch error exists only once torch is imported
+    oom_type = getattr(torch, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(err, oom_type):
         return True
     if not isinstance(err, RuntimeError):
         return False

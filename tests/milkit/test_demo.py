@@ -256,16 +256,18 @@ def test_out_of_memory_in_training_gives_a_hint(monkeypatch, tmp_path: Path) -> 
 
 
 def test_is_oom_recognises_cpu_and_cuda_messages() -> None:
-    assert demo._is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
-    assert demo._is_oom(
+    from milkit.oom import is_out_of_memory  # the one check the demo uses
+
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert is_out_of_memory(
         RuntimeError(
             "[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: "
             "can't allocate memory: you tried... out of memory"
         )
     )
-    assert demo._is_oom(MemoryError())
-    assert not demo._is_oom(RuntimeError("expected scalar type Float"))
-    assert not demo._is_oom(ValueError("out of memory"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("expected scalar type Float"))
+    assert not is_out_of_memory(ValueError("out of memory"))
 
 
 # ---------------------------------------------------------------------------- attention vs tumour
