@@ -803,19 +803,6 @@ def process_slide(
 # ---------------------------------------------------------------------------- the run
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda:<LOCAL_RANK>`` when CUDA is available, else ``cpu``."""
-    import torch
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"
-        return "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MilkitError("CUDA device requested but none is available", value=device)
-    return device
-
-
 def _mpp_lookup(config: ExtractConfig) -> dict[str, float]:
     if config.mpp_csv is None:
         return {}
@@ -837,6 +824,7 @@ def preprocess(
     from tqdm.auto import tqdm
 
     from milkit.bags import is_complete_bag
+    from milkit.device import resolve_device
     from milkit.feature_extraction.encoders import create_encoder
 
     config = config or ExtractConfig()
@@ -849,7 +837,7 @@ def preprocess(
     encoder, cfg = create_encoder(
         config.encoder,
         weights=config.weights,
-        device=resolve_device(config.device),
+        device=str(resolve_device(config.device)),
         precision=config.precision,
         runtime=config.runtime,
         compile=config.compile,

@@ -41,6 +41,7 @@ from milkit.checkpoint import (
     save_checkpoint,
     save_train_state,
 )
+from milkit.device import resolve_device
 from milkit.distributed import (
     DistInfo,
     EpochSampler,
@@ -115,24 +116,6 @@ class Predictions:
         for c, cname in enumerate(names):
             frame[f"prob_{cname}"] = self.probs[:, c]
         return frame
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → CUDA if available, else CPU; a CUDA request without CUDA is an error."""
-    if isinstance(device, torch.device):
-        return device
-    if device in ("auto", "", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise MilkitError(
-            "unknown device", value=device, hint="Use auto, cpu, cuda or cuda:N"
-        ) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MilkitError("CUDA device requested but CUDA is not available", value=device,
-                          hint="Use --device cpu")  # fmt: skip
-    return dev
 
 
 def seed_everything(seed: int) -> None:

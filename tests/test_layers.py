@@ -16,15 +16,16 @@ from tests.conftest import REPO
 ROOTS = (("milkit", "milkit"), ("models", "milkit.models"),
          ("feature_extraction", "milkit.feature_extraction"))  # fmt: skip
 BASE = {"milkit", "milkit.errors", "milkit.atomic", "milkit.bags", "milkit.checkpoint",
-        "milkit.figures"}  # fmt: skip
+        "milkit.device", "milkit.figures"}  # fmt: skip
 LOWER = ("milkit.models", "milkit.feature_extraction")
 
 # Cycles closed only by imports inside functions, as strongly connected components.
 KNOWN_FUNCTION_CYCLES = {
     # load_checkpoint rebuilds the model by name (checkpoint -> models); official weights are
     # read with checkpoint.safe_torch_load; the registry imports its own package to fill itself.
-    frozenset({"milkit.checkpoint", "milkit.models", "milkit.models.official",
-               "milkit.models.registry"}),  # fmt: skip
+    frozenset(
+        {"milkit.checkpoint", "milkit.models", "milkit.models.official", "milkit.models.registry"}
+    ),
 }
 
 
