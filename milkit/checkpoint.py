@@ -191,7 +191,7 @@ def load_checkpoint(
                 "cannot rebuild the checkpoint's model",
                 value=meta["model_name"],
                 path=path,
-                hint=f"{err}".strip("'\""),
+                hint=str(err),
             ) from None
     try:
         model.load_state_dict(state, strict=True)

@@ -53,9 +53,9 @@ def build_model(model_name: str, in_dim: int, num_classes: int, model_kwargs: Ma
 
     try:
         return models.create(model_name, in_dim, num_classes, **dict(model_kwargs or {}))
-    except KeyError as err:
-        raise MilkitError(str(err).strip("'\""), hint=None) from None
-    except (TypeError, ValueError) as err:
+    except MilkitError:  # an unknown name (UnknownNameError) already says it all
+        raise
+    except (KeyError, TypeError, ValueError) as err:
         raise MilkitError(f"cannot build model {model_name!r}: {err}") from None
 
 

@@ -164,10 +164,7 @@ def validate_options(
         )
     if epochs < 1:
         raise MilkitError("epochs must be at least 1", value=epochs)
-    try:
-        models.get_entry(model)
-    except KeyError as err:
-        raise MilkitError(str(err).strip("'\""), value=model) from None
+    models.get_entry(model)  # UnknownNameError lists close matches
     get_encoder_cfg(encoder)  # unknown names raise with close matches
 
 

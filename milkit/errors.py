@@ -70,6 +70,17 @@ class MilkitError(Exception):
         super().__init__(message)
 
 
+class UnknownNameError(MilkitError, KeyError):
+    """An unknown registered name (model, ...): a MilkitError the CLI prints as one line, and a
+    KeyError for code that looks names up. The message lists close matches.
+
+    ``str()`` is the template's message, not ``KeyError``'s quoted repr.
+    """
+
+    def __str__(self) -> str:
+        return Exception.__str__(self)
+
+
 def one_line(text: str, limit: int = 300) -> str:
     """``text`` on one line, without ANSI colour codes, at most ``limit`` characters.
 

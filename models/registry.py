@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from milkit.errors import UnknownNameError
+
 T = TypeVar("T", bound=type[nn.Module])
 
 
@@ -70,10 +72,11 @@ def get_entry(name: str) -> ModelEntry:
     key = normalise_name(name)
     if key not in _REGISTRY:
         close = difflib.get_close_matches(key, list(_REGISTRY), n=5, cutoff=0.4)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise KeyError(
-            f"unknown aggregator {name!r}.{hint} Run `milkit models` to list all "
-            f"{len(_REGISTRY)} registered names."
+        hint = f"Did you mean: {', '.join(close)}? " if close else ""
+        raise UnknownNameError(
+            "unknown aggregator",
+            value=name,
+            hint=f"{hint}Run `milkit models` to list all {len(_REGISTRY)} registered names",
         )
     return _REGISTRY[key]
 
@@ -82,7 +85,8 @@ def create(name: str, in_dim: int, num_classes: int, **overrides: Any) -> nn.Mod
     """Build a registered aggregator; overrides replace the preset's keyword arguments.
 
     Raises:
-        KeyError: unknown name (message lists close matches).
+        milkit.errors.UnknownNameError: unknown name (a MilkitError and a KeyError; the message
+            lists close matches).
         TypeError: an override the model does not accept (message lists accepted ones).
     """
     entry = get_entry(name)

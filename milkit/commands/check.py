@@ -74,10 +74,7 @@ def _model_names(args: argparse.Namespace) -> list[str]:
         )
     out = []
     for n in names:
-        try:
-            out.append(get_entry(n).name)
-        except KeyError as err:
-            raise MilkitError(str(err).strip("'\""), value=n) from None
+        out.append(get_entry(n).name)  # UnknownNameError lists close matches
     return list(dict.fromkeys(out))
 
 

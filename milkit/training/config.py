@@ -110,10 +110,7 @@ class TrainConfig:
         if preset == "official":
             from milkit.models.registry import get_entry
 
-            try:
-                entry = get_entry(model_name)
-            except KeyError as err:
-                raise MilkitError(str(err).strip("'\""), value=model_name) from None
+            entry = get_entry(model_name)  # UnknownNameError lists close matches
             values.update(getattr(entry.cls, "training_preset", {}) or {})
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(values)

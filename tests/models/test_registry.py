@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
+from milkit.errors import MilkitError, UnknownNameError
 from milkit.models.registry import _REGISTRY, create, get_entry, list_models, register_aggregator
 
 
@@ -32,6 +33,16 @@ def test_create_applies_preset_and_overrides(toy_registered):
 def test_unknown_name_lists_close_matches(toy_registered):
     with pytest.raises(KeyError, match="Did you mean: toy-reg"):
         get_entry("toy-rge")
+
+
+def test_unknown_name_is_one_milkit_error_line_and_a_key_error(toy_registered):
+    # The CLI prints MilkitErrors as they are: no KeyError quotes, the template's layout.
+    with pytest.raises(UnknownNameError) as info:
+        create("toy-rge", 8, 2)
+    err = info.value
+    assert isinstance(err, MilkitError) and isinstance(err, KeyError)
+    assert str(err).startswith("unknown aggregator, got 'toy-rge'. Did you mean: toy-reg")
+    assert str(err).endswith("registered names") and err.value == "toy-rge"
 
 
 def test_unknown_override_lists_accepted(toy_registered):
