@@ -540,10 +540,7 @@ def format_summary(
     ``auc               0.912 ± 0.031 (5 folds)   pooled 0.905 [0.861, 0.944]``; the AUC's title
     says how it averages over classes (``milkit.metrics.auc_label``).
     """
-    from milkit.metrics import auc_label
-
-    def num(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
+    from milkit.metrics import auc_label, format_number
 
     names = list(class_names or (pooled or {}).get("class_names") or [])
     lines = [f"{'metric':<18} {'mean ± std over folds':<26} pooled out-of-fold"]
@@ -552,14 +549,16 @@ def format_summary(
             continue
         title = auc_label(names) if key == "auc" and names else key
         m, s, k = summary[key]["mean"], summary[key]["std"], summary[key].get("n")
-        cell = f"{num(m)} ± {num(s)}" + (f" ({k} folds)" if k is not None else "")
+        cell = f"{format_number(m)} ± {format_number(s)}" + (
+            f" ({k} folds)" if k is not None else ""
+        )
         if not math.isfinite(m):
             cell = "n/a"
         line = f"{title:<18} {cell:<26}"
         if pooled is not None:
-            line += f" {num(pooled.get(key))}"
+            line += f" {format_number(pooled.get(key))}"
             if key == "auc" and "auc_ci_low" in pooled:
-                line += f" [{num(pooled['auc_ci_low'])}, {num(pooled['auc_ci_high'])}]"
+                line += f" [{format_number(pooled['auc_ci_low'])}, {format_number(pooled['auc_ci_high'])}]"
         lines.append(line.rstrip())
     if pooled is not None and names and len(names) > 2:
         lines.append("auc (macro OvR): mean over classes of the one-vs-rest AUC")

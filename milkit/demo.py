@@ -17,7 +17,6 @@ of the model's top-decile attention lands on tumour tiles compared with chance.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import time
@@ -28,6 +27,7 @@ from typing import Any
 
 from milkit.atomic import atomic_write_text
 from milkit.errors import MilkitError
+from milkit.metrics import format_number
 from milkit.oom import is_out_of_memory
 
 # Demo defaults, sized for < 5 minutes on 2 CPU cores (see module docstring of milkit.commands.demo)
@@ -95,9 +95,11 @@ class DemoResult:
         )
         lines.append(head + f"{'mean ± std':>17}")
         for key, label in names.items():
-            row = f"  {label:<15}" + "".join(f"{_num(m.get(key)):>9}" for m in self.fold_metrics)
+            row = f"  {label:<15}" + "".join(
+                f"{format_number(m.get(key)):>9}" for m in self.fold_metrics
+            )
             s = self.summary.get(key, {})
-            row += f"{_num(s.get('mean')) + ' ± ' + _num(s.get('std')):>17}"
+            row += f"{format_number(s.get('mean')) + ' ± ' + format_number(s.get('std')):>17}"
             lines.append(row)
         loc = self.localisation
         if loc.get("slides"):
@@ -116,14 +118,6 @@ class DemoResult:
         lines.append(f"  time: {self.wall_seconds:.0f}s ({timing})")
         lines.append(f"report: {self.index_html.resolve()}")
         return "\n".join(lines)
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return "n/a"
-    return f"{v:.{digits}f}" if math.isfinite(v) else "n/a"
 
 
 def _json(value: Any) -> str:

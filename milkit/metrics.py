@@ -194,6 +194,17 @@ def classification_metrics(
     return out
 
 
+def format_number(value: Any, digits: int = 3) -> str:
+    """``value`` with ``digits`` decimals, or ``n/a`` when it is missing, not a number or not
+    finite (an AUC of a one-class fold, a metric a run did not record). The one formatter of
+    metric tables: reports, ``milkit evaluate``, the CV summary, the demo."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{v:.{digits}f}" if math.isfinite(v) else "n/a"
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
         value, (bool, np.bool_)
@@ -390,6 +401,7 @@ __all__ = [
     "ci_refusal",
     "classification_metrics",
     "epoch_metrics",
+    "format_number",
     "plot_roc",
     "pooled_metrics",
     "summarise_folds",

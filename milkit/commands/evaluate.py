@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 EXAMPLE = """example:
@@ -76,7 +75,9 @@ def evaluate_run(run_dir: Path, *, bootstrap: int = 0, seed: int = 0) -> dict:
 
 
 def _fmt(v: float) -> str:
-    return "  n/a" if v is None or not math.isfinite(v) else f"{v:.3f}"
+    from milkit.metrics import format_number
+
+    return format_number(v).rjust(5)  # "  n/a" lines up with "0.912"
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -7,7 +7,6 @@ folder stands alone.
 
 from __future__ import annotations
 
-import math
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from milkit.metrics import format_number
 from milkit.report.attention import (
     TOP_FRACTION,
     TUMOUR_TILE_MIN_COVERAGE,
@@ -49,25 +49,21 @@ class BuiltReport:
     score_kind: str = "attention"  # or "instance score" for models without attention
 
 
-def _f(value: Any, digits: int = 3) -> str:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return "n/a"
-    return f"{v:.{digits}f}" if math.isfinite(v) else "n/a"
-
-
 def metrics_table(folds: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> Table:
     """Per-fold test metrics plus a bold mean ± std row."""
     rows = []
     for m in folds:
         rows.append(
-            [f"fold {m.get('fold')}", str(m.get("n", "")), *(_f(m.get(k)) for k, _ in METRICS)]
+            [
+                f"fold {m.get('fold')}",
+                str(m.get("n", "")),
+                *(format_number(m.get(k)) for k, _ in METRICS),
+            ]
         )
     mean_std = []
     for key, _ in METRICS:
         s = summary.get(key, {})
-        mean_std.append(f"{_f(s.get('mean'))} ± {_f(s.get('std'))}")
+        mean_std.append(f"{format_number(s.get('mean'))} ± {format_number(s.get('std'))}")
     rows.append(["mean ± std", str(sum(int(m.get("n", 0) or 0) for m in folds)), *mean_std])
     return Table(
         ["", "test slides", *(label for _, label in METRICS)],
@@ -169,7 +165,7 @@ def attention_section(
                 f"{t.top_hit_rate:.0%}",
                 f"{t.best_possible:.0%}",
                 f"{t.chance:.0%}",
-                _f(t.enrichment, 1),
+                format_number(t.enrichment, 1),
                 f"{t.attention_mass:.0%}",
             ]
             for t in sorted(per_slide, key=lambda t: t.slide_id)
@@ -255,8 +251,8 @@ def checks_section(tests: Sequence[Mapping], props: Sequence[Mapping], model: st
         [
             str(t.get("test")),
             str(t.get("verdict")),
-            _f(t.get("train_auc")),
-            f"{_f(t.get('test_auc'))} [{_f(t.get('ci_low'))}, {_f(t.get('ci_high'))}]",
+            format_number(t.get("train_auc")),
+            f"{format_number(t.get('test_auc'))} [{format_number(t.get('ci_low'))}, {format_number(t.get('ci_high'))}]",
             str(t.get("error") or ""),
         ]
         for t in tests

@@ -31,6 +31,7 @@ import pandas as pd
 from milkit.atomic import atomic_path
 from milkit.attention_export import TILE_PX, save_top_tiles
 from milkit.errors import MilkitError
+from milkit.metrics import format_number
 from milkit.report.document import (
     METRICS,
     Document,
@@ -131,18 +132,10 @@ def _unfinished_folds(run_dir: Path, preds: RunPredictions) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- numbers
-def _fmt(value: Any, digits: int = 3) -> str:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return "n/a"
-    return f"{v:.{digits}f}" if math.isfinite(v) else "n/a"
-
-
 def _with_ci(value: float, low: float, high: float) -> str:
     if not math.isfinite(low):
-        return _fmt(value)
-    return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]"
+        return format_number(value)
+    return f"{format_number(value)} [{format_number(low)}, {format_number(high)}]"
 
 
 def metrics_with_ci(
@@ -327,7 +320,10 @@ def _fold_table(per_fold: list[dict[str, Any]], with_ci: bool) -> Table:
         [
             "mean ± std",
             str(sum(m["n"] for m in per_fold)),
-            *(f"{_fmt(summary[k]['mean'])} ± {_fmt(summary[k]['std'])}" for k, _ in METRICS),
+            *(
+                f"{format_number(summary[k]['mean'])} ± {format_number(summary[k]['std'])}"
+                for k, _ in METRICS
+            ),
         ]
     )
     return Table(
@@ -422,14 +418,14 @@ def build_run_report(
             [
                 [
                     label,
-                    _fmt(pooled[k][0]),
-                    f"[{_fmt(pooled[k][1])}, {_fmt(pooled[k][2])}]"
+                    format_number(pooled[k][0]),
+                    f"[{format_number(pooled[k][1])}, {format_number(pooled[k][2])}]"
                     if math.isfinite(pooled[k][1])
                     else "n/a",
                 ]
                 for k, label in METRICS
             ]
-            + [["Brier score", _fmt(brier_score(y, probs)), ""]],
+            + [["Brier score", format_number(brier_score(y, probs)), ""]],
         ),
     )
 
@@ -477,7 +473,7 @@ def build_run_report(
             str(r.fold),
             str(r.label),
             str(r.predicted),
-            *(_fmt(getattr(r, f"prob_{c}")) for c in names),
+            *(format_number(getattr(r, f"prob_{c}")) for c in names),
             "yes" if r.label == r.predicted else "NO",
         ]
         for r in table.itertuples(index=False)

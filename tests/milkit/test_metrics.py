@@ -19,7 +19,13 @@ from sklearn.metrics import (
 )
 
 from milkit.errors import MilkitError
-from milkit.metrics import bootstrap_ci, classification_metrics, plot_roc, summarise_folds
+from milkit.metrics import (
+    bootstrap_ci,
+    classification_metrics,
+    format_number,
+    plot_roc,
+    summarise_folds,
+)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -238,3 +244,12 @@ def test_epoch_metrics_equal_classification_metrics(seed: int, n: int, num_class
         assert math.isnan(fast["auc"])
     else:
         assert fast["auc"] == pytest.approx(full["auc"], abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("value", "digits", "text"),
+    [(0.91234, 3, "0.912"), (np.float32(0.5), 2, "0.50"), ("0.25", 3, "0.250"), (1, 1, "1.0"),
+     (None, 3, "n/a"), (float("nan"), 3, "n/a"), (float("inf"), 3, "n/a"), ("", 3, "n/a")],
+)  # fmt: skip
+def test_format_number_gives_n_a_for_anything_not_a_finite_number(value, digits, text):
+    assert format_number(value, digits) == text
