@@ -6,9 +6,11 @@ Write to ``<name>.partial``, fsync, then ``os.replace`` onto the final name and 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -62,3 +64,23 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "item") and hasattr(value, "dtype"):  # numpy and torch scalars
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def json_text(value: Any) -> str:
+    """``value`` as the JSON text milkit writes (run.json, metrics.json, summary.json, ...):
+    indented by 2, newline-terminated; numpy/torch scalars become numbers, paths strings, and
+    NaN stays ``NaN`` (as Python's json module reads and writes it)."""
+    return json.dumps(value, indent=2, default=_json_default) + "\n"
+
+
+def atomic_write_json(path: str | os.PathLike[str], value: Any) -> None:
+    """Write :func:`json_text` of ``value`` to ``path`` atomically."""
+    atomic_write_text(path, json_text(value))

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from milkit.atomic import atomic_path, atomic_write_text
+from milkit.atomic import atomic_path, atomic_write_json
 from milkit.checkpoint import plain
 from milkit.distributed import barrier, setup_distributed
 from milkit.errors import MilkitError
@@ -59,18 +59,6 @@ def build_model(model_name: str, in_dim: int, num_classes: int, model_kwargs: Ma
         raise MilkitError(f"cannot build model {model_name!r}: {err}") from None
 
 
-def _json(value: Any) -> str:
-    def default(o: Any) -> Any:
-        if isinstance(o, (np.integer, np.floating)):
-            return o.item()
-        if isinstance(o, Path):
-            return str(o)
-        raise TypeError(type(o).__name__)
-
-    text = json.dumps(value, indent=2, default=default, allow_nan=True)
-    return text + "\n"
-
-
 def write_fold_outputs(
     fold_dir: Path,
     preds: Predictions,
@@ -92,7 +80,7 @@ def write_fold_outputs(
     metrics = {**dict(extra or {}), **metrics}
     if bootstrap > 0:  # no CI (a note and a warning) for folds too small to give one
         metrics.update(auc_ci(preds.labels, preds.probs, n_boot=bootstrap, seed=seed))
-    atomic_write_text(fold_dir / "metrics.json", _json(metrics))
+    atomic_write_json(fold_dir / "metrics.json", metrics)
     if len(np.unique(preds.labels)) > 1:
         plot_roc(preds.labels, preds.probs, class_names, fold_dir / "roc.png",
                  title=f"{fold_dir.name}: AUC {metrics['auc']:.3f}")  # fmt: skip
@@ -115,7 +103,7 @@ def write_summary(
     body = {**dict(header), "folds": fold_metrics, "summary": summary}
     if pooled is not None:
         body["pooled"] = dict(pooled)
-    atomic_write_text(out_dir / "summary.json", _json(body))
+    atomic_write_json(out_dir / "summary.json", body)
     keys = list(summary)
     rows = [{"fold": m.get("fold"), **{k: m.get(k) for k in keys}} for m in fold_metrics]
     rows.append({"fold": "mean", **{k: summary[k]["mean"] for k in keys}})
@@ -186,7 +174,7 @@ def _record_fold(
     notes[:] = [n for n in notes if not n.startswith(f"fold {fold}: ")]
     notes.extend(f"fold {fold}: {w}" for w in metrics.get("warnings", []) or [])
     if main:
-        atomic_write_text(out_dir / RUN_FILE, _json(info))
+        atomic_write_json(out_dir / RUN_FILE, info)
 
 
 # Cohorts whose bag files add up to less than this are cached in memory while training (each
@@ -311,7 +299,7 @@ def _train_fold(
         return metrics
     elif is_main:
         metrics = {**extra, "n": 0}
-        atomic_write_text(done, _json(metrics))
+        atomic_write_json(done, metrics)
         return metrics
     return None
 
@@ -457,7 +445,7 @@ def cross_validate(
         if callable(getattr(table, "write_skipped", None)):
             table.write_skipped(out_dir)  # skipped_slides.csv (--skip-missing)
         info["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        atomic_write_text(out_dir / RUN_FILE, _json(info))
+        atomic_write_json(out_dir / RUN_FILE, info)
     barrier()
 
     # eval_max_instances: larger validation/test bags keep that many evenly spaced instances

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from milkit.atomic import atomic_write_text
+from milkit.atomic import atomic_write_json, atomic_write_text, json_text
 from milkit.errors import MilkitError
 from milkit.metrics import format_number
 from milkit.oom import is_out_of_memory
@@ -120,17 +120,6 @@ class DemoResult:
         return "\n".join(lines)
 
 
-def _json(value: Any) -> str:
-    def default(o: Any) -> Any:
-        if hasattr(o, "item"):
-            return o.item()
-        if isinstance(o, (Path, tuple)):
-            return str(o) if isinstance(o, Path) else list(o)
-        raise TypeError(type(o).__name__)
-
-    return json.dumps(value, indent=2, default=default) + "\n"
-
-
 # ---------------------------------------------------------------------------- validation
 
 
@@ -220,7 +209,7 @@ def make_cohort(slides_dir: Path, n_slides: int, size: int, seed: int) -> bool:
         seed=seed,
         mpp=SLIDE_MPP,
     )
-    atomic_write_text(marker, _json(params))
+    atomic_write_json(marker, params)
     return False
 
 
@@ -359,7 +348,9 @@ def run_checks_stage(model: str, check_dir: Path, progress: bool) -> tuple[list,
     from milkit.assumptions.runner import CheckConfig, check_overrides, run_checks
 
     report_json = check_dir / "report.json"
-    settings = json.loads(_json({"demo": True, "model": models.get_entry(model).name, **CHECK_KW}))
+    settings = json.loads(
+        json_text({"demo": True, "model": models.get_entry(model).name, **CHECK_KW})
+    )
     old = _read_check_report(report_json) if report_json.is_file() else None
     if old is not None and old.get("config") == settings:
         return old["results"], _flat_properties(old), True
@@ -536,7 +527,7 @@ def run_demo(
         stage_seconds=times,
         reused=reused,
     )
-    atomic_write_text(out_dir / "report" / "summary.json", _json(result.to_dict()))
+    atomic_write_json(out_dir / "report" / "summary.json", result.to_dict())
     return result
 
 

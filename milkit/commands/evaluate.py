@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 EXAMPLE = """example:
@@ -83,7 +82,7 @@ def _fmt(v: float) -> str:
 def run_command(args: argparse.Namespace) -> int:
     import warnings
 
-    from milkit.atomic import atomic_write_text
+    from milkit.atomic import atomic_write_json
     from milkit.metrics import auc_label
 
     with warnings.catch_warnings():
@@ -115,5 +114,5 @@ def run_command(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}")
     if args.json:
-        atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
+        atomic_write_json(args.json, res)
     return 0

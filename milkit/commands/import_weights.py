@@ -78,9 +78,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 def _write_run(out: Path, imported, meta: dict) -> None:
     """A one-fold run folder: ``run.json`` + ``fold_0/best.pt`` (what predict/heatmap read)."""
-    import json
 
-    from milkit.atomic import atomic_write_text
+    from milkit.atomic import atomic_write_json
     from milkit.checkpoint import save_checkpoint
 
     (out / "fold_0").mkdir(parents=True, exist_ok=True)
@@ -95,4 +94,4 @@ def _write_run(out: Path, imported, meta: dict) -> None:
         "milkit_version": meta["milkit_version"],
         "imported_from": meta["imported_from"],
     }
-    atomic_write_text(out / "run.json", json.dumps(info, indent=2) + "\n")
+    atomic_write_json(out / "run.json", info)
