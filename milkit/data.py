@@ -918,6 +918,18 @@ def _label_counts(labels: Sequence[int] | np.ndarray, num_classes: int | None = 
     return np.bincount(arr, minlength=num_classes or 0)
 
 
+def balanced_weights(labels: Sequence[int] | np.ndarray) -> torch.Tensor:
+    """Per-bag weights 1 / (count of its class), float64: every class has total weight 1, so
+    sampling with replacement draws each class equally often (``--balanced``).
+
+    Raises:
+        MilkitError: labels that are not a non-empty 1-D sequence of class indices >= 0.
+    """
+    arr = np.asarray(labels, dtype=np.int64)
+    counts = _label_counts(arr)
+    return torch.as_tensor(1.0 / counts[arr], dtype=torch.double)
+
+
 def balanced_sampler(
     labels: Sequence[int] | np.ndarray,
     num_samples: int | None = None,
@@ -925,14 +937,13 @@ def balanced_sampler(
 ) -> WeightedRandomSampler:
     """Sampler drawing every class equally often (with replacement, ``num_samples`` per epoch).
 
-    Each bag is weighted 1 / (count of its class), so each class has total weight 1.
+    Each bag is weighted by :func:`balanced_weights`. The Trainer draws with the same weights
+    through ``milkit.distributed.EpochSampler`` (epoch-seeded, sharded over DDP ranks).
     """
-    arr = np.asarray(labels, dtype=np.int64)
-    counts = _label_counts(arr)
-    weights = 1.0 / counts[arr]
+    weights = balanced_weights(labels)
     return WeightedRandomSampler(
-        torch.as_tensor(weights, dtype=torch.double),
-        num_samples=len(arr) if num_samples is None else int(num_samples),
+        weights,
+        num_samples=len(weights) if num_samples is None else int(num_samples),
         replacement=True,
         generator=generator,
     )
@@ -955,6 +966,7 @@ __all__ = [
     "InMemoryBagDataset",
     "LabelTable",
     "balanced_sampler",
+    "balanced_weights",
     "class_weights",
     "collate_bags",
     "load_labels",

@@ -10,10 +10,9 @@ K-process run with batch 1 sees, step by step, the same bags as one process accu
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
@@ -76,13 +75,6 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.broadcast(t, src=0)
     return bool(t.item() > 0.5)
-
-
-def balanced_weights(labels: Sequence[int] | np.ndarray) -> torch.Tensor:
-    """Per-sample weights 1 / count(class) so that every class is drawn equally often."""
-    labels = np.asarray(labels, dtype=np.int64)
-    counts = np.bincount(labels)
-    return torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
 
 
 class EpochSampler(Sampler[int]):

@@ -45,7 +45,6 @@ from milkit.device import resolve_device
 from milkit.distributed import (
     DistInfo,
     EpochSampler,
-    balanced_weights,
     broadcast_flag,
     setup_distributed,
 )
@@ -496,7 +495,11 @@ class Trainer:
         monitor, notes = self._selection_plan(val_ds)
 
         model = self.model.to(self.device)
-        weights = balanced_weights(labels) if cfg.sampling == "balanced" else None
+        weights = None
+        if cfg.sampling == "balanced":
+            from milkit.data import balanced_weights
+
+            weights = balanced_weights(labels)
         sampler = EpochSampler(
             len(train_ds),
             seed=cfg.seed,

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from milkit.distributed import EpochSampler, balanced_weights
+from milkit.data import balanced_weights
+from milkit.distributed import EpochSampler
 from milkit.errors import MilkitError
 from milkit.models.base import MILModel, MILOutput
 from milkit.train import (
