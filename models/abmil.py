@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from milkit.models.base import MILModel, MILOutput, check_bag_input
+from milkit.models.clam import CLAM_RECIPE
 from milkit.models.layers.attention_pool import AttentionPool, make_act
 from milkit.models.registry import register_aggregator
 
@@ -109,10 +110,11 @@ class ABMIL(MILModel):
     removed its Xavier ``initialize_weights``); ``init="xavier"`` = CLAM before that, and
     DearCaat's ``initialize_weights`` (``abmil-dattention`` uses it).
 
-    ``training_preset`` = CLAM's recipe for the CLAM layout: Adam, lr 2e-4 (README commands
-    ``--lr 2e-4``; main.py's argparse default is 1e-4), weight decay 1e-5 (``--reg``), at most 200
-    epochs, constant LR, early stopping (``--early_stopping`` in the README commands) on
-    validation loss with patience 20 from epoch 50. (Ilse's repo: Adam lr 5e-4, betas (0.9, 0.999), weight decay
+    ``training_preset`` = CLAM's recipe for the CLAM layout (``milkit.models.clam.CLAM_RECIPE``):
+    Adam, lr 2e-4 (README commands ``--lr 2e-4``; main.py's argparse default is 1e-4), weight
+    decay 1e-5 (``--reg``), at most 200 epochs, constant LR, class-balanced sampling
+    (``--weighted_sample``), early stopping (``--early_stopping``) on validation loss with
+    patience 20, stopping no earlier than after the 52nd epoch (``stop_epoch=50``, 0-based). (Ilse's repo: Adam lr 5e-4, betas (0.9, 0.999), weight decay
     ``10e-5`` = 1e-4, 20 epochs — pass these as overrides for ``abmil-ilse``.)
 
     Args:
@@ -134,20 +136,7 @@ class ABMIL(MILModel):
     permutation_invariant: ClassVar[bool] = True
     mil_respecting: ClassVar[bool] = False
     supports_padding: ClassVar[bool] = True
-    # CLAM README commands / main.py: --opt adam, --lr 2e-4 (argparse default 1e-4), --reg 1e-5,
-    # --max_epochs 200, --early_stopping (EarlyStopping patience=20, stop_epoch=50, validation
-    # loss); no LR scheduler.
-    training_preset: ClassVar[dict[str, Any]] = {
-        "optimizer": "adam",
-        "lr": 2e-4,
-        "weight_decay": 1e-5,
-        "epochs": 200,
-        "scheduler": "none",
-        "batch_size": 1,
-        "patience": 20,
-        "min_epochs": 50,
-        "monitor": "val_loss",
-    }
+    training_preset: ClassVar[dict[str, Any]] = CLAM_RECIPE  # CLAM main.py, see models/clam.py
 
     def __init__(
         self,

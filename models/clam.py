@@ -23,8 +23,8 @@ SMALL_BAG_POLICIES = ("clip", "skip", "error")
 # --bag_loss ce --inst_loss svm; argparse defaults --reg 1e-5, --max_epochs 200, --opt adam;
 # core_utils.EarlyStopping(patience=20, stop_epoch=50) on the validation (bag) loss, which may stop
 # once `epoch > 50` with 0-based epochs, i.e. after the 52nd epoch (milkit: epoch + 1 >= 52).
-# No LR scheduler; batch = 1 bag.
-CLAM_TRAINING_PRESET: dict[str, Any] = {
+# No LR scheduler; batch = 1 bag. The one copy of CLAM's recipe: ABMIL's CLAM layout uses it too.
+CLAM_RECIPE: dict[str, Any] = {
     "optimizer": "adam",
     "lr": 2e-4,
     "weight_decay": 1e-5,
@@ -121,7 +121,7 @@ class _CLAM(MILModel):
     permutation_invariant: ClassVar[bool] = True
     mil_respecting: ClassVar[bool] = False
     supports_padding: ClassVar[bool] = True
-    training_preset: ClassVar[dict[str, Any]] = CLAM_TRAINING_PRESET
+    training_preset: ClassVar[dict[str, Any]] = CLAM_RECIPE
     multi_branch: ClassVar[bool] = False
     model_name: ClassVar[str] = "clam"
 

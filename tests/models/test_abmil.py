@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from milkit import models
 from milkit.models.abmil import ABMIL
+from milkit.models.clam import CLAM_RECIPE
 from milkit.models.layers.attention_pool import AttentionPool
 
 
@@ -83,6 +84,7 @@ def test_clam_layout_defaults():
     dattention = models.create("abmil-dattention", 1024, 2)
     assert float(dattention.fc[0].bias.detach().abs().sum()) == 0.0
     assert ABMIL.training_preset["lr"] == 2e-4
+    assert ABMIL.training_preset is CLAM_RECIPE  # one copy of the recipe, min_epochs 52 included
 
 
 def test_multi_branch_concatenates():

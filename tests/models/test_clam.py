@@ -14,7 +14,7 @@ from torch import nn
 
 from milkit import models
 from milkit.errors import MilkitError
-from milkit.models.clam import CLAM_TRAINING_PRESET, smooth_top1_svm_loss
+from milkit.models.clam import CLAM_RECIPE, smooth_top1_svm_loss
 from milkit.models.registry import get_entry
 from tests.conftest import SHARED_DATA
 
@@ -358,8 +358,8 @@ def test_registry_names_and_preset():
     with pytest.raises(KeyError, match="Did you mean: clam-sb"):
         get_entry("clamsb")
     for name in ("clam-sb", "clam-mb"):
-        assert get_entry(name).cls.training_preset == CLAM_TRAINING_PRESET
-    assert CLAM_TRAINING_PRESET["lr"] == 2e-4 and CLAM_TRAINING_PRESET["min_epochs"] == 52
+        assert get_entry(name).cls.training_preset == CLAM_RECIPE
+    assert CLAM_RECIPE["lr"] == 2e-4 and CLAM_RECIPE["min_epochs"] == 52
     from milkit.train import TrainConfig
 
     cfg = TrainConfig.for_model("clam_mb", "official")  # every preset key is a valid option
