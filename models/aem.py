@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from milkit.errors import MilkitError
-from milkit.models.base import MILModel, MILOutput, check_bag_input
+from milkit.models.base import MILModel, MILOutput, WrappedMIL, check_bag_input
 from milkit.models.layers.attention_pool import AttentionPool
 from milkit.models.layers.masking import masked_log_softmax, masked_softmax
 from milkit.models.layers.multihead_query_pool import MultiHeadQueryPool
@@ -307,7 +307,7 @@ class AEMGatedABMIL(AttentionEntropyMixin, MILModel):
 
 
 @register_aggregator("aem", description="AEM entropy regulariser around any registered model")
-class AEM(AttentionEntropyMixin, MILModel):
+class AEM(AttentionEntropyMixin, WrappedMIL):
     """AEM around any registered aggregator exposing ``attention_logits`` (plug-in mode).
 
     Paper: Zhang et al., arXiv 2406.15303 (AEM is shown on several attention MIL frameworks);
@@ -344,7 +344,6 @@ class AEM(AttentionEntropyMixin, MILModel):
         lamda: float = 0.1,  # README example; argparse default 0.0 = baseline
         subsampling: float = 1.0,  # --subsampling default (off)
     ) -> None:
-        super().__init__()
         _check_aem_args("aem", lamda, subsampling)
         if normalise_name(base).startswith("aem"):
             raise MilkitError(
@@ -352,25 +351,10 @@ class AEM(AttentionEntropyMixin, MILModel):
                 value=base,
                 hint="use that model directly and set its lamda",
             )
-        self.base = create(base, in_dim, num_classes, **(base_kwargs or {}))
+        super().__init__(create(base, in_dim, num_classes, **(base_kwargs or {})), in_dim,
+                         num_classes)  # fmt: skip
         self.model_name = f"aem({normalise_name(base)})"
-        self.in_dim, self.num_classes = in_dim, num_classes
-        self.embed_dim = int(getattr(self.base, "embed_dim", 0))
         self.lamda, self.subsampling = float(lamda), float(subsampling)
-        for flag in ("permutation_invariant", "mil_respecting", "supports_padding"):
-            setattr(self, flag, bool(getattr(self.base, flag, getattr(MILModel, flag))))
 
     def forward_base(self, x: Tensor, mask: Tensor | None, coords: Tensor | None) -> MILOutput:
-        return self.base(x, mask, coords)
-
-    def training_loss(
-        self, batch: dict[str, Any], output: MILOutput, criterion: nn.Module
-    ) -> tuple[Tensor, dict[str, float]]:
-        return self.base.training_loss(batch, output, criterion)
-
-    def on_train_step_end(self, step: int, total_steps: int) -> None:
-        self.base.on_train_step_end(step, total_steps)
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.base.reset_classifier(num_classes)
-        self.num_classes = num_classes
+        return self.base(x, mask, coords)  # AttentionEntropyMixin.forward adds the AEM term

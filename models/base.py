@@ -90,6 +90,47 @@ class MILModel(nn.Module):
         self.num_classes = num_classes
 
 
+class WrappedMIL(MILModel):
+    """A model built around another aggregator, ``self.base`` (AEM's plug-in mode, SC-MIL).
+
+    The forward pass is the base's; the trainer's hooks (``training_loss``,
+    ``on_train_step_end``) and ``reset_classifier`` reach the base, and the base's order, padding
+    and MIL properties are copied, so the contract suite and the assumption checks see the
+    wrapped model's own. Subclasses override what they add (a loss term, a schedule) and call
+    these to keep the base's behaviour.
+
+    Args:
+        base: the built aggregator (``models.create(name, in_dim, num_classes, ...)``).
+        in_dim, num_classes: as passed to the base.
+    """
+
+    def __init__(self, base: MILModel, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.base = base
+        self.in_dim, self.num_classes = in_dim, num_classes
+        self.embed_dim = int(getattr(base, "embed_dim", 0) or 0)
+        for flag in ("permutation_invariant", "mil_respecting", "supports_padding"):
+            setattr(self, flag, bool(getattr(base, flag, getattr(MILModel, flag))))
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
+    ) -> MILOutput:
+        """The base's output unchanged."""
+        return self.base(x, mask, coords)
+
+    def training_loss(
+        self, batch: dict[str, Any], output: MILOutput, criterion: nn.Module
+    ) -> tuple[Tensor, dict[str, float]]:
+        return self.base.training_loss(batch, output, criterion)
+
+    def on_train_step_end(self, step: int, total_steps: int) -> None:
+        self.base.on_train_step_end(step, total_steps)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.base.reset_classifier(num_classes)
+        self.num_classes = num_classes
+
+
 def check_bag_input(x: Tensor, mask: Tensor | None, *, model: str) -> Tensor | None:
     """Validate ``(x, mask)`` at the model boundary; return the mask as bool (or None).
 

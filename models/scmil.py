@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from milkit.errors import MilkitError
-from milkit.models.base import MILModel, MILOutput
+from milkit.models.base import MILOutput, WrappedMIL
 from milkit.models.layers.supcon import ProjectionHead, supcon_loss
 from milkit.models.registry import create, normalise_name, register_aggregator
 
@@ -40,7 +40,7 @@ def scmil_beta(progress: float, schedule: str = "parabolic", switch_at: float = 
     description="SC-MIL on gated ABMIL (CLAM small config)",
     base="abmil-gated",
 )
-class SCMIL(MILModel):
+class SCMIL(WrappedMIL):
     """SC-MIL: supervised contrastive bag representations, curriculum towards the classifier.
 
     Paper: Juyal et al., "SC-MIL: Supervised Contrastive Multiple Instance Learning for Imbalanced
@@ -103,7 +103,6 @@ class SCMIL(MILModel):
         schedule: str = "parabolic",  # our choice (BBN cumulative learning)
         switch_at: float = 0.5,  # our choice, only for schedule="step"
     ) -> None:
-        super().__init__()
         if schedule not in SCHEDULES:
             raise MilkitError(
                 "scmil: unknown schedule", value=schedule, hint=f"choose one of {list(SCHEDULES)}"
@@ -118,26 +117,18 @@ class SCMIL(MILModel):
                 value=base,
                 hint="give a plain aggregator such as abmil-gated",
             )
-        self.base = create(base, in_dim, num_classes, **(base_kwargs or {}))
-        embed_dim = getattr(self.base, "embed_dim", None)
+        base_model = create(base, in_dim, num_classes, **(base_kwargs or {}))
+        embed_dim = getattr(base_model, "embed_dim", None)
         if not isinstance(embed_dim, int) or embed_dim <= 0:
             raise MilkitError(
                 "scmil: the base model does not declare its embedding size (embed_dim)",
                 value=base,
             )
-        self.in_dim, self.num_classes, self.embed_dim = in_dim, num_classes, embed_dim
+        super().__init__(base_model, in_dim, num_classes)  # forward: the base's, embedding = b
         self.temperature, self.schedule, self.switch_at = float(temperature), schedule, switch_at
         self.projection = ProjectionHead(embed_dim, proj_hidden_dim or embed_dim, proj_dim)
         # β_t lives in the state dict so a resumed run continues the schedule
         self.register_buffer("beta", torch.tensor(scmil_beta(0.0, schedule, switch_at)))
-        for flag in ("permutation_invariant", "mil_respecting", "supports_padding"):
-            setattr(self, flag, bool(getattr(self.base, flag, getattr(MILModel, flag))))
-
-    def forward(
-        self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
-    ) -> MILOutput:
-        """The base's output unchanged; ``embedding`` is b (projected in ``training_loss``)."""
-        return self.base(x, mask, coords)
 
     def project(self, embedding: Tensor) -> Tensor:
         """L2-normalised projection z = g(b)/‖g(b)‖ of bag embeddings (B, E) → (B, proj_dim)."""
@@ -147,7 +138,7 @@ class SCMIL(MILModel):
         self, batch: dict[str, Any], output: MILOutput, criterion: nn.Module
     ) -> tuple[Tensor, dict[str, float]]:
         """``β·L_SupCon + (1 − β)·L_base``; the base loss alone when no bag has a positive."""
-        base_loss, logs = self.base.training_loss(batch, output, criterion)
+        base_loss, logs = super().training_loss(batch, output, criterion)
         z = self.project(output.embedding)
         supcon, n_anchors = supcon_loss(z, batch["label"], self.temperature)
         beta = float(self.beta)
@@ -164,11 +155,7 @@ class SCMIL(MILModel):
 
     def on_train_step_end(self, step: int, total_steps: int) -> None:
         """Set β for the next step; ``step`` = optimiser steps completed so far (1..T)."""
-        self.base.on_train_step_end(step, total_steps)
+        super().on_train_step_end(step, total_steps)
         if total_steps > 0:
             progress = step / total_steps
             self.beta.fill_(scmil_beta(progress, self.schedule, self.switch_at))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.base.reset_classifier(num_classes)
-        self.num_classes = num_classes
