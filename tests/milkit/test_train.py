@@ -45,7 +45,10 @@ def _cfg(**kw) -> TrainConfig:
 def test_config_official_preset_comes_from_model_class_and_overrides_win():
     cfg = TrainConfig.for_model("abmil", preset="official")
     assert (cfg.optimizer, cfg.lr, cfg.epochs, cfg.scheduler) == ("adam", 2e-4, 200, "none")
-    assert (cfg.patience, cfg.min_epochs, cfg.monitor) == (20, 50, "val_loss")
+    # CLAM core_utils.EarlyStopping(patience=20, stop_epoch=50) stops only when the 0-based epoch
+    # is > 50, i.e. after the 52nd epoch, for every model main.py trains (one CLAM_RECIPE).
+    assert (cfg.patience, cfg.min_epochs, cfg.monitor) == (20, 52, "val_loss")
+    assert cfg.sampling == "balanced"  # CLAM README commands: --weighted_sample
     cfg = TrainConfig.for_model("abmil", preset="official", epochs=5, lr=None)
     assert cfg.epochs == 5 and cfg.lr == 2e-4  # None overrides are ignored
     assert TrainConfig.for_model("abmil").optimizer == "adamw"  # default preset
