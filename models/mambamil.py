@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from milkit.models.base import MILModel, MILOutput, check_bag_input
+from milkit.models.clam import CLAM_RECIPE
 from milkit.models.layers.attention_pool import AttentionPool
 from milkit.models.layers.mamba_block import BiMamba, Mamba, SRMamba
 from milkit.models.layers.ragged import apply_per_bag
@@ -84,20 +85,11 @@ class MambaMIL(MILModel):
     permutation_invariant = False
     mil_respecting = False
     supports_padding = True
-    # Official scripts: Adam, lr 2e-4, reg 1e-5, max 200 epochs, early stopping on validation
-    # loss (patience 20, not before epoch 50), batch 1. The CLAM-derived loop has no LR schedule
-    # (read from the scripts' arguments; not re-verified in the loop itself).
-    training_preset: ClassVar[dict[str, Any]] = {
-        "optimizer": "adam",
-        "lr": 2e-4,
-        "weight_decay": 1e-5,
-        "epochs": 200,
-        "scheduler": "none",
-        "batch_size": 1,
-        "patience": 20,
-        "min_epochs": 50,
-        "monitor": "val_loss",
-    }
+    # Official recipe (isyangshu/MambaMIL train_scripts/*.sh + main.py): CLAM's training loop and
+    # its EarlyStopping class (same code and docstrings as CLAM's utils/core_utils.py), run with
+    # --lr 2e-4 --reg 1e-5 --max_epochs 200 --early_stopping --weighted_sample, batch 1, no LR
+    # schedule: exactly CLAM_RECIPE (stops at the earliest after 52 epochs, balanced sampling).
+    training_preset: ClassVar[dict[str, Any]] = CLAM_RECIPE
 
     def __init__(
         self,

@@ -213,4 +213,7 @@ def test_training_preset_is_a_valid_train_config():
 
     cfg = TrainConfig.for_model("mambamil", "official")
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.epochs) == ("adam", 2e-4, 1e-5, 200)
-    assert (cfg.patience, cfg.min_epochs, cfg.monitor) == (20, 50, "val_loss")
+    # CLAM's EarlyStopping (which MambaMIL's loop uses) stops only when the 0-based epoch > 50,
+    # and the official scripts pass --weighted_sample
+    assert (cfg.patience, cfg.min_epochs, cfg.monitor) == (20, 52, "val_loss")
+    assert cfg.sampling == "balanced"
