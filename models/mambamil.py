@@ -63,7 +63,8 @@ class MambaMIL(MILModel):
 
     Official settings: 2 layers, rate 5 (training scripts; argparse default 10), drop_out 0, GELU,
     Adam lr 2e-4, weight decay 1e-5, ≤ 200 epochs with early stopping on validation loss
-    (patience 20, from epoch 50), batch 1; R50 (1024-d) or PLIP (512-d) features.
+    (CLAM's EarlyStopping: patience 20, not before 52 epochs), class-balanced sampling, batch 1;
+    R50 (1024-d) or PLIP (512-d) features.
 
     Args:
         mixer: ``"srmamba"`` (``mambamil``), ``"mamba"`` or ``"bimamba"``.
