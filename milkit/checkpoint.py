@@ -61,6 +61,27 @@ def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+def state_dict_mismatch(
+    own: Mapping[str, torch.Tensor],
+    state: Mapping[str, Any],
+    *,
+    ignore_missing: tuple[str, ...] = (),
+    ignore_unexpected: tuple[str, ...] = (),
+) -> tuple[list[str], list[str], list[str]]:
+    """What keeps ``state`` from loading strictly into a module whose state dict is ``own``.
+
+    Returns ``(missing, unexpected, misshapen)`` key lists (``own`` order for missing and
+    misshapen, ``state`` order for unexpected); keys starting with an ``ignore_*`` prefix are
+    not reported. Callers word the error: a partial load must never happen silently.
+    """
+    missing = [k for k in own if k not in state and not k.startswith(ignore_missing)]
+    unexpected = [k for k in state if k not in own and not k.startswith(ignore_unexpected)]
+    misshapen = [
+        k for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    return missing, unexpected, misshapen
+
+
 def save_checkpoint(
     path: str | os.PathLike[str], model: nn.Module, meta: Mapping[str, Any]
 ) -> Path:

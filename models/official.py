@@ -847,14 +847,11 @@ def _load_strict(
     model: nn.Module, state: Mapping[str, Tensor], what: str, where: Any = None
 ) -> None:
     """``load_state_dict(strict=True)`` with every missing, unexpected or misshapen key listed."""
+    from milkit.checkpoint import state_dict_mismatch
+
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if tuple(own[k].shape) != tuple(state[k].shape)
-    ]
+    missing, unexpected, misshapen = (sorted(keys) for keys in state_dict_mismatch(own, state))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in misshapen]
     problems = []
     if missing:
         problems.append(f"milkit parameters not in the file: {', '.join(missing[:20])}")

@@ -272,14 +272,13 @@ def load_strict(
     A mismatch (wrong model, wrong file) raises a :class:`MilkitError` listing the first
     offending keys, instead of silently running an encoder with random layers.
     """
+    from milkit.checkpoint import state_dict_mismatch
+
     own = module.state_dict()
-    missing = [k for k in own if k not in state_dict and not k.startswith(ignore_missing)]
-    unexpected = [k for k in state_dict if k not in own and not k.startswith(ignore_unexpected)]
-    shape_bad = [
-        f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
+    missing, unexpected, misshapen = state_dict_mismatch(
+        own, state_dict, ignore_missing=ignore_missing, ignore_unexpected=ignore_unexpected
+    )
+    shape_bad = [f"{k} {tuple(state_dict[k].shape)} != {tuple(own[k].shape)}" for k in misshapen]
     if missing or unexpected or shape_bad:
         parts = []
         if missing:
