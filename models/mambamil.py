@@ -59,7 +59,9 @@ class MambaMIL(MILModel):
 
     dtype: the forward runs in the input's dtype (float64 for exact checks; the official code
     casts ``x.float()``); as in mamba-ssm, ``A = −exp(A_log)``, ``D`` and the Δ bias are taken
-    in float32 inside the mixers.
+    in float32 inside the mixers. ``A`` is the correctly rounded float32 (exp in float64, rounded
+    once; ``mamba_block.ssm_a``), so float64 outputs are the same on every machine; a float32
+    ``exp`` is 1 ulp off for some inputs on some CPUs, which moved them by up to 8e-10.
 
     Official settings: 2 layers, rate 5 (training scripts; argparse default 10), drop_out 0, GELU,
     Adam lr 2e-4, weight decay 1e-5, ≤ 200 epochs with early stopping on validation loss

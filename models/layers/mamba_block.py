@@ -49,7 +49,7 @@ from milkit.models.layers.selective_scan import (
     selective_scan_chunked,
 )
 
-__all__ = ["BiMamba", "Mamba", "SRMamba", "causal_conv1d", "sr_order", "sr_unorder"]
+__all__ = ["BiMamba", "Mamba", "SRMamba", "causal_conv1d", "sr_order", "sr_unorder", "ssm_a"]
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -67,6 +67,23 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     k = weight.shape[-1]
     out = F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]]
     return F.silu(out)
+
+
+def ssm_a(a_log: Tensor) -> Tensor:
+    """Mamba's state matrix ``A = −exp(A_log.float())`` (d, n) as the correctly rounded float32.
+
+    mamba-ssm and the official MambaMIL mixers take ``A`` in float32 whatever the model dtype
+    (``-torch.exp(self.A_log.float())``), and so do we. But float32 ``exp`` is not correctly
+    rounded everywhere: torch's CPU kernel returns 7.0026526 for exp(1.9462890625) (log 7 in
+    float16), 1 ulp below the correctly rounded 7.0026531, and other CPUs/libms differ in other
+    elements. That ulp moved float64 MambaMIL outputs by up to 8e-10 between machines (issue 11's
+    fidelity fixtures). Evaluating the exponential in float64 and rounding once gives the same
+    float32 ``A`` on every IEEE platform. MPS has no float64: there the plain float32 ``exp``.
+    """
+    a32 = a_log.float()
+    if a32.device.type == "mps":
+        return -torch.exp(a32)
+    return (-torch.exp(a32.double())).float()
 
 
 def sr_order(x: Tensor, rate: int) -> Tensor:
@@ -183,7 +200,7 @@ class Mamba(nn.Module):
         dt = rearrange(dt @ dt_proj.weight.t(), "b l d -> b d l")
         b_ssm = rearrange(b_ssm, "b l n -> b n l").contiguous()
         c_ssm = rearrange(c_ssm, "b l n -> b n l").contiguous()
-        a = -torch.exp(getattr(self, br.a_log).float())
+        a = ssm_a(getattr(self, br.a_log))
         args = (x, dt, a, b_ssm, c_ssm, getattr(self, br.d).float())
         kwargs = {"z": z, "delta_bias": dt_proj.bias.float(), "delta_softplus": True}
         if initial_state is not None:
