@@ -39,6 +39,7 @@ class _BagClassifier(nn.Module):
         dropout_v: float,
         nonlinear: bool,
         passing_v: bool,
+        value_relu: bool = True,
     ) -> None:
         super().__init__()
         if nonlinear:
@@ -48,8 +49,10 @@ class _BagClassifier(nn.Module):
         else:
             self.q = nn.Linear(in_dim, q_dim)
         if passing_v:
+            # dsmil.py before 2022-09-18 (dbb5cab): Dropout→Linear without the ReLU
+            v_act = [nn.ReLU()] if value_relu else []
             self.v: nn.Module = nn.Sequential(
-                nn.Dropout(dropout_v), nn.Linear(in_dim, in_dim), nn.ReLU()
+                nn.Dropout(dropout_v), nn.Linear(in_dim, in_dim), *v_act
             )
         else:
             self.v = nn.Identity()
@@ -102,6 +105,11 @@ class DSMIL(MILModel):
     orthogonal weights and zero biases for every Linear/Conv1d (``apply_sparse_init``).
     ``√128`` is computed in float32 as in the official code (so float64 runs reproduce it).
 
+    Older ``dsmil.py`` (2020-11 … 2022-09-18, before commit dbb5cab, the CVPR 2021 code) always had
+    the value network, without the ReLU, and a linear q: ``nonlinear=False, passing_v=True,
+    value_relu=False`` rebuilds it (same parameter names). The 2022-02 … 2022-09 versions with
+    ``--non_linearity 1`` put a ``lin`` Linear→ReLU before q and v; milkit has no such layer.
+
     Departures: bags are batched with a mask (official: one bag); the critical instance is the
     first maximum of ``c`` over real instances (official: the first element of a descending
     ``torch.sort``, which may pick another instance among exact ties). ``training_preset``
@@ -116,6 +124,8 @@ class DSMIL(MILModel):
         negative_class: class 0 has no output (O = C − 1); None = ``num_classes == 2``.
         nonlinear: two-layer tanh query network (official default) or one Linear.
         passing_v: value network Dropout→Linear→ReLU instead of identity.
+        value_relu: the ReLU of the value network (``dsmil.py`` since 2022-09-18); False =
+            Dropout→Linear, as ``dsmil.py`` before then. Only used with ``passing_v``.
         dropout_v: dropout of the value network (``--dropout_node``).
         q_dim: query size (official: 128, fixed).
         loss: ``"bce"`` (official) or ``"ce"`` (trainer's criterion on ``logits``).
@@ -148,6 +158,7 @@ class DSMIL(MILModel):
         negative_class: bool | None = None,
         nonlinear: bool = True,  # --non_linearity 1
         passing_v: bool = False,  # BClassifier default
+        value_relu: bool = True,  # dsmil.py since 2022-09-18
         dropout_v: float = 0.0,  # --dropout_node 0
         q_dim: int = 128,  # hard-coded in BClassifier
         loss: str = "bce",  # BCEWithLogitsLoss in train_tcga.py
@@ -165,7 +176,7 @@ class DSMIL(MILModel):
         self.outputs = num_classes - 1 if self.negative_class else num_classes
         self.i_classifier = _InstanceClassifier(in_dim, self.outputs)
         self.b_classifier = _BagClassifier(
-            in_dim, self.outputs, self.q_dim, dropout_v, nonlinear, passing_v
+            in_dim, self.outputs, self.q_dim, dropout_v, nonlinear, passing_v, value_relu
         )
         self.embed_dim = self.outputs * in_dim
         if init == "orthogonal":
