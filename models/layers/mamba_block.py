@@ -75,10 +75,11 @@ def ssm_a(a_log: Tensor) -> Tensor:
     mamba-ssm and the official MambaMIL mixers take ``A`` in float32 whatever the model dtype
     (``-torch.exp(self.A_log.float())``), and so do we. But float32 ``exp`` is not correctly
     rounded everywhere: torch's CPU kernel returns 7.0026526 for exp(1.9462890625) (log 7 in
-    float16), 1 ulp below the correctly rounded 7.0026531, and other CPUs/libms differ in other
-    elements. That ulp moved float64 MambaMIL outputs by up to 8e-10 between machines (issue 11's
-    fidelity fixtures). Evaluating the exponential in float64 and rounding once gives the same
-    float32 ``A`` on every IEEE platform. MPS has no float64: there the plain float32 ``exp``.
+    float16), 1 ulp below the correctly rounded 7.0026531, and other float32 exps (numpy's, other
+    machines') round other inputs differently. That one ulp moved float64 MambaMIL outputs by up
+    to 8e-10 against the official code run on another machine (issue 11's fidelity fixtures).
+    Evaluating the exponential in float64 and rounding once gives the same float32 ``A`` on every
+    IEEE platform. MPS has no float64: there the plain float32 ``exp``.
     """
     a32 = a_log.float()
     if a32.device.type == "mps":
