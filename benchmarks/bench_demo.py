@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def main() -> None:
-    from milkit.demo import DEFAULT_EPOCHS, DEFAULT_SIZE, DEFAULT_SLIDES, run_demo
+    from milkit.demo.pipeline import DEFAULT_EPOCHS, DEFAULT_SIZE, DEFAULT_SLIDES, run_demo
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slides", type=int, default=DEFAULT_SLIDES)

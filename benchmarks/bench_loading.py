@@ -1,4 +1,4 @@
-"""Bag loading throughput through ``milkit.data.BagDataset`` (page-cache reads).
+"""Bag loading throughput through ``milkit.data.datasets.BagDataset`` (page-cache reads).
 
 Writes ``--bags`` bags of ``--instances`` x ``--dim`` features per dtype (float32, float16) to a
 temporary folder, reads each bag twice through ``BagDataset`` and times the second pass (files
@@ -28,8 +28,8 @@ def _bench(folder: Path, dtype: str, bags: int, n: int, dim: int) -> dict:
     import h5py
     import torch
 
-    from milkit.bags import write_bag
-    from milkit.data import BagDataset
+    from milkit.data.datasets import BagDataset
+    from milkit.io.bags import write_bag
 
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(n, dim)).astype(np.float32)

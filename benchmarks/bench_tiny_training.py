@@ -3,7 +3,7 @@
 Setting (issue 9, fault 9): 200 bags of 4-10 instances (mean 7) × 230 features, two classes,
 ABMIL with its defaults, batch 1, AdamW, written as HDF5 bags like ``milkit preprocess`` output.
 
-1. ``steps_per_s``: ``--folds`` × ``--epochs`` of ``milkit.cv.cross_validate`` (what ``milkit
+1. ``steps_per_s``: ``--folds`` × ``--epochs`` of ``milkit.training.cv.cross_validate`` (what ``milkit
    train`` runs: inner validation every epoch, checkpoints, logs, test predictions) beside a plain
    PyTorch loop over the same folds (same model, optimiser settings and bags, already in memory;
    per epoch one pass over the training bags and one forward pass over the validation bags), the
@@ -46,7 +46,7 @@ def make_cohort(root: Path, n_bags: int, dim: int, seed: int = 0) -> tuple[Path,
     """HDF5 bags + labels.csv: positive bags hold one instance shifted along features 0-7."""
     import pandas as pd
 
-    from milkit.bags import write_bag
+    from milkit.io.bags import write_bag
 
     rng = np.random.default_rng(seed)
     rows = []
@@ -81,8 +81,8 @@ def milkit_run(table, folds: int, epochs: int, out: Path) -> dict:
     import shutil
     import warnings
 
-    from milkit.cv import cross_validate
-    from milkit.train import TrainConfig
+    from milkit.training.cv import cross_validate
+    from milkit.training.trainer import TrainConfig
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(epochs=epochs, progress=False, device="cpu", seed=0)
@@ -99,7 +99,7 @@ def milkit_run(table, folds: int, epochs: int, out: Path) -> dict:
         fit_s += sum(json.loads(line)["time_s"] for line in log)
     return {"steps": steps, "wall_s": round(wall, 2), "steps_per_s": round(steps / wall, 1),
             "epochs_only_steps_per_s": round(steps / fit_s, 1),
-            "threads_used": "auto (milkit.threads)"}  # fmt: skip
+            "threads_used": "auto (milkit.runtime.threads)"}  # fmt: skip
 
 
 def plain_run(table, splits, epochs: int, threads: int) -> dict:
@@ -107,7 +107,7 @@ def plain_run(table, splits, epochs: int, threads: int) -> dict:
     import torch
 
     from milkit import models
-    from milkit.data import BagDataset
+    from milkit.data.datasets import BagDataset
 
     torch.set_num_threads(threads)
 
@@ -155,8 +155,8 @@ def main() -> None:
 
     import torch
 
-    from milkit.data import load_labels
-    from milkit.splits import make_cv_splits
+    from milkit.data.labels import load_labels
+    from milkit.data.splits import make_cv_splits
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

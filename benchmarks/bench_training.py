@@ -50,7 +50,7 @@ def child(
     import torch
 
     from milkit import models
-    from milkit.train import TrainConfig, fit_model
+    from milkit.training.trainer import TrainConfig, fit_model
 
     torch.set_num_threads(threads)
     data = CyclingBags(bags, instances, dim, distinct)

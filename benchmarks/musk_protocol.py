@@ -102,9 +102,9 @@ def run_fold(
     """Train on one fold (standardised on its training bags) and return test accuracy."""
     from sklearn.model_selection import train_test_split
 
-    from milkit.data import InMemoryBagDataset
-    from milkit.datasets import fit_standardizer
-    from milkit.train import TrainConfig, fit_model, predict, seed_everything
+    from milkit.data.datasets import InMemoryBagDataset
+    from milkit.data.mil_benchmarks import fit_standardizer
+    from milkit.training.trainer import TrainConfig, fit_model, predict, seed_everything
 
     std = fit_standardizer([bags[i] for i in train_idx])
     val_idx = np.array([], dtype=int)
@@ -148,7 +148,7 @@ def run_protocol(
     max_folds: int | None = None,
 ) -> dict[str, Any]:
     """``repeats`` × ``folds``-fold CV of ``model`` ("abmil" or "abmil-gated") on one dataset."""
-    from milkit.datasets import benchmark_folds, load_mil_benchmark
+    from milkit.data.mil_benchmarks import benchmark_folds, load_mil_benchmark
 
     bench = load_mil_benchmark(dataset_dir)
     t0 = time.perf_counter()

@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 
-from milkit.atomic import atomic_write_text
 from milkit.errors import MilkitError
 from milkit.feature_extraction.recipe import (
     bag_recipe,
@@ -48,6 +47,7 @@ from milkit.feature_extraction.recipe import (
     format_differences,
     recipe_differences,
 )
+from milkit.io.atomic import atomic_write_text
 
 SLIDE_EXTENSIONS = (
     ".svs",
@@ -702,10 +702,10 @@ def process_slide(
     The result's status is ``ok``, or ``empty`` (with ``reason``) when no tile was planned; a
     slide all of whose tiles are unreadable raises. ``recipe`` is recorded in the bag.
     """
-    from milkit.bags import write_bag
     from milkit.feature_extraction.slides import Slide, TileReadError
     from milkit.feature_extraction.tiling import plan_tiles
     from milkit.feature_extraction.tissue import segment_tissue
+    from milkit.io.bags import write_bag
 
     t_start = time.perf_counter()
     slide_id = slide_id_of(slide_path)
@@ -823,9 +823,9 @@ def preprocess(
     """
     from tqdm.auto import tqdm
 
-    from milkit.bags import is_complete_bag
-    from milkit.device import resolve_device
     from milkit.feature_extraction.encoders import create_encoder
+    from milkit.io.bags import is_complete_bag
+    from milkit.runtime.device import resolve_device
 
     config = config or ExtractConfig()
     config.validate()
@@ -907,7 +907,7 @@ def _resume(
     A refusal leaves the bag untouched and records the slide as failed (so training with the
     manifest never mixes two recipes from one folder unknowingly).
     """
-    from milkit.bags import read_bag_header
+    from milkit.io.bags import read_bag_header
 
     try:
         header = read_bag_header(bag_path)

@@ -7,7 +7,7 @@ patch visualisation (``WSIPatcher.visualize``: tile count, level-0 size, mpp and
 patch size and overlap at the target), the header names the slide, the tiles, level-0 and target
 resolution, the tile size, the tissue preset and the pen-ink area removed, with a legend of the
 overlay colours. Text is drawn with matplotlib on a Figure of its own (never pyplot, never the
-caller's backend), sized relative to the image (:func:`milkit.figures.font_px`).
+caller's backend), sized relative to the image (:func:`milkit.io.figures.font_px`).
 """
 
 from __future__ import annotations
@@ -117,12 +117,12 @@ def qc_figure(image: np.ndarray, lines: list[str]) -> Any:
     """A Figure: ``lines`` (first one as the title) and the colour legend above ``image``.
 
     ``image`` is drawn unresampled at the bottom left, so the PNG's last H rows and first W
-    columns are exactly ``image``. Text is :func:`milkit.figures.font_px` tall.
+    columns are exactly ``image``. Text is :func:`milkit.io.figures.font_px` tall.
     """
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    from milkit.figures import font_px, new_figure, points
+    from milkit.io.figures import font_px, new_figure, points
 
     h, w = image.shape[:2]
     fs = font_px(w, h)
@@ -194,7 +194,7 @@ def save_qc_thumbnail(
     block, unresampled) under a header from :func:`qc_lines` and a colour legend. ``preset`` is
     the tissue preset's name (None: "custom").
     """
-    from milkit.figures import save_figure
+    from milkit.io.figures import save_figure
 
     out_path = Path(out_path)
     if out_path.suffix.lower() != ".png":

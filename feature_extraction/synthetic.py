@@ -27,9 +27,9 @@ import cv2
 import numpy as np
 import tifffile
 
-from milkit.atomic import atomic_path
 from milkit.errors import MilkitError
 from milkit.feature_extraction.coverage import box_coverage
+from milkit.io.atomic import atomic_path
 
 _TEXTURE_PX = 1024  # level-0 side of the periodic tissue textures (4 × 4 tiles of 256 px)
 _BACKGROUND_BGR = (242, 242, 243)  # glass: near-white, no saturation
@@ -746,7 +746,7 @@ def make_synthetic_cohort(
     """
     import pandas as pd
 
-    from milkit.atomic import atomic_write_text
+    from milkit.io.atomic import atomic_write_text
 
     if n_slides < 1:
         raise MilkitError("n_slides must be at least 1", value=n_slides)

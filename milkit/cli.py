@@ -70,11 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, what a shell reports for a filter cut short
     except MilkitError as err:
         print(f"milkit {args.command}: error: {err}", file=sys.stderr)
-        from milkit.oom import BagOutOfMemoryError
+        from milkit.runtime.oom import BagOutOfMemoryError
 
         return 3 if isinstance(err, BagOutOfMemoryError) else 2  # 3: out of memory, as below
     except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
-        from milkit.oom import is_out_of_memory
+        from milkit.runtime.oom import is_out_of_memory
 
         if not is_out_of_memory(err):
             raise

@@ -171,8 +171,8 @@ class _MHIM(MILModel):
     # ------------------------------------------------------------------ teacher and student
     def load_teacher(self, path: str | os.PathLike[str], *, init_stu_type: str = "fc") -> None:
         """Initialise the teacher from a checkpoint of the base model (see class docstring)."""
-        from milkit.checkpoint import read_checkpoint
         from milkit.errors import MilkitError
+        from milkit.io.checkpoint import read_checkpoint
         from milkit.models.registry import normalise_name
 
         state, meta = read_checkpoint(path)

@@ -616,7 +616,7 @@ def read_state(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, 
                 raise MilkitError("cannot read safetensors file", value=str(err)[:200],
                                   path=path) from None  # fmt: skip
         else:
-            from milkit.checkpoint import safe_torch_load
+            from milkit.io.checkpoint import safe_torch_load
 
             payload = safe_torch_load(path)
     if isinstance(payload, Mapping) and payload.get("format") in (
@@ -847,7 +847,7 @@ def _load_strict(
     model: nn.Module, state: Mapping[str, Tensor], what: str, where: Any = None
 ) -> None:
     """``load_state_dict(strict=True)`` with every missing, unexpected or misshapen key listed."""
-    from milkit.checkpoint import state_dict_mismatch
+    from milkit.io.checkpoint import state_dict_mismatch
 
     own = model.state_dict()
     missing, unexpected, misshapen = (sorted(keys) for keys in state_dict_mismatch(own, state))

@@ -181,12 +181,12 @@ plt.show()
 
 `milkit info BAG` prints the header of a bag (tile count, feature size, encoder, resolution)
 without reading the features. Where that command is not available in this version, the same
-facts come from `milkit.bags.read_bag_header`.
+facts come from `milkit.io.bags.read_bag_header`.
 """),
         code("""
 import importlib.util
 
-from milkit.bags import list_bags, read_bag_header
+from milkit.io.bags import list_bags, read_bag_header
 
 bags = list_bags(BAGS)
 first = bags["synth_0"]
@@ -242,7 +242,7 @@ coloured by tumour fraction should show the tumour tiles apart from the rest: th
 a MIL model has to find without ever being told which tiles are tumour.
 """),
         code("""
-from milkit.bags import read_bag
+from milkit.io.bags import read_bag
 from milkit.feature_extraction.synthetic import load_synthetic_masks, tumour_fraction_of_tiles
 
 feats, fracs = [], []
@@ -353,7 +353,7 @@ Every slide is in exactly one test fold, so pooling the folds' `predictions.csv`
 out-of-fold prediction per slide: one ROC curve per model.
 """),
         code("""
-from milkit.metrics import classification_metrics, plot_roc
+from milkit.training.metrics import classification_metrics, plot_roc
 
 classes = sorted(labels["label"].unique())
 roc_pngs = {}

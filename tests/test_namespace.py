@@ -15,7 +15,7 @@ import pytest
 import tomllib
 
 from tests.conftest import REPO
-from tests.milkit.test_cv import make_cohort
+from tests.milkit.training.test_cv import make_cohort
 
 # The same names a CLAM/TransMIL/DSMIL checkout puts first on sys.path when a user runs
 # `python -m milkit` from inside it.

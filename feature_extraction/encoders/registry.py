@@ -272,7 +272,7 @@ def load_strict(
     A mismatch (wrong model, wrong file) raises a :class:`MilkitError` listing the first
     offending keys, instead of silently running an encoder with random layers.
     """
-    from milkit.checkpoint import state_dict_mismatch
+    from milkit.io.checkpoint import state_dict_mismatch
 
     own = module.state_dict()
     missing, unexpected, misshapen = state_dict_mismatch(

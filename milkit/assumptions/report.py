@@ -12,7 +12,7 @@ from typing import Any
 
 from milkit.assumptions.generators import TEST_TITLES
 from milkit.assumptions.runner import DID_NOT_LEARN, ERROR, FAIL, PASS, TestResult
-from milkit.atomic import atomic_path, atomic_write_text
+from milkit.io.atomic import atomic_path, atomic_write_text
 
 COLUMNS = (
     "model",

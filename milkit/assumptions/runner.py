@@ -2,7 +2,7 @@
 
 For every (model, test, seed): draw the task (``generators.make_task``), build the model with
 ``models.create(name, D, 2, **overrides)``, train it with the normal milkit training loop
-(``milkit.train.fit_model``) on the training draw, score AUC on the training draw and on the
+(``milkit.training.trainer.fit_model``) on the training draw, score AUC on the training draw and on the
 shifted test draw. Over seeds: mean test AUC with a bootstrap 95% CI (bags resampled within each
 seed's test draw, AUCs averaged over seeds), and a verdict (spec §3):
 
@@ -182,15 +182,15 @@ def _jsonable(v: Any) -> Any:
 
 
 def auc_score(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Binary ROC-AUC (``milkit.metrics.binary_auc``: scikit-learn); NaN if a class is missing."""
-    from milkit.metrics import binary_auc
+    """Binary ROC-AUC (``milkit.training.metrics.binary_auc``: scikit-learn); NaN if a class is missing."""
+    from milkit.training.metrics import binary_auc
 
     return binary_auc(np.asarray(labels).astype(bool), np.asarray(scores))
 
 
 def _auc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Row-wise AUC of (R, n) label/score matrices (``milkit.metrics.auc_rows``)."""
-    from milkit.metrics import auc_rows
+    """Row-wise AUC of (R, n) label/score matrices (``milkit.training.metrics.auc_rows``)."""
+    from milkit.training.metrics import auc_rows
 
     return auc_rows(labels, scores)
 
@@ -272,13 +272,13 @@ def check_overrides(name: str, cfg: CheckConfig | None = None) -> dict[str, Any]
 
 
 def _training_api() -> Any:
-    from milkit import train
+    from milkit.training import trainer as train
 
     return train
 
 
 def _dataset(draw: MILDraw) -> Any:
-    from milkit.data import InMemoryBagDataset
+    from milkit.data.datasets import InMemoryBagDataset
 
     return InMemoryBagDataset(draw.bags, draw.labels, slide_ids=draw.slide_ids())
 

@@ -18,7 +18,7 @@ offline on a CPU.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from milkit.demo import DEFAULT_EPOCHS, DEFAULT_SIZE, DEFAULT_SLIDES
+    from milkit.demo.pipeline import DEFAULT_EPOCHS, DEFAULT_SIZE, DEFAULT_SLIDES
 
     p = subparsers.add_parser(
         "demo",
@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from milkit.demo import run_demo
+    from milkit.demo.pipeline import run_demo
 
     result = run_demo(
         args.out,

@@ -17,8 +17,6 @@ OvR)"). --bootstrap adds a 95% CI of each fold's AUC and of the pooled AUC; a fo
 5 slides of a class gets a note instead of an interval.
 """
 
-_COLUMNS = ("auc", "accuracy", "balanced_accuracy", "f1_macro")
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -40,41 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_command)
 
 
-def evaluate_run(run_dir: Path, *, bootstrap: int = 0, seed: int = 0) -> dict:
-    """Per-fold metrics, their summary, the pooled out-of-fold metrics and (optionally)
-    bootstrap CIs, from predictions.csv."""
-    from milkit.cv import load_run, read_fold_predictions
-    from milkit.errors import MilkitError
-    from milkit.metrics import auc_ci, classification_metrics, pooled_metrics, summarise_folds
-
-    info = load_run(run_dir)
-    names = [str(c) for c in info["class_names"]]
-    folds, ys, ps = [], [], []
-    for fold, y, p in read_fold_predictions(run_dir, names):
-        m = classification_metrics(y, p, names)
-        m["fold"] = fold
-        if bootstrap > 0:
-            ci = auc_ci(y, p, n_boot=bootstrap, seed=seed)
-            m["auc_ci"] = [ci["auc_ci_low"], ci["auc_ci_high"]] if "auc_ci_low" in ci else None
-            m["auc_ci_note"] = ci.get("auc_ci_note")
-        folds.append(m)
-        ys.append(y)
-        ps.append(p)
-    if not folds:
-        raise MilkitError("run has no test predictions (fold_<k>/predictions.csv)", path=run_dir,
-                          hint="Finish training first: milkit train ... --resume")  # fmt: skip
-    summary = summarise_folds([{k: m[k] for k in _COLUMNS} for m in folds])
-    pooled = pooled_metrics(ys, ps, names, bootstrap=bootstrap, seed=seed)
-    out = {"model_name": info.get("model_name"), "class_names": names,
-           "auc_average": pooled["auc_average"], "folds": folds, "summary": summary,
-           "pooled": pooled, "pooled_auc": pooled["auc"]}  # fmt: skip
-    if "auc_ci_low" in pooled:
-        out["pooled_auc_ci"] = [pooled["auc_ci_low"], pooled["auc_ci_high"]]
-    return out
-
-
 def _fmt(v: float) -> str:
-    from milkit.metrics import format_number
+    from milkit.training.metrics import format_number
 
     return format_number(v).rjust(5)  # "  n/a" lines up with "0.912"
 
@@ -82,8 +47,10 @@ def _fmt(v: float) -> str:
 def run_command(args: argparse.Namespace) -> int:
     import warnings
 
-    from milkit.atomic import atomic_write_json
-    from milkit.metrics import auc_label
+    from milkit.evaluation.evaluate import COLUMNS as _COLUMNS
+    from milkit.evaluation.evaluate import evaluate_run
+    from milkit.io.atomic import atomic_write_json
+    from milkit.training.metrics import auc_label
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # single-class folds: AUC n/a, shown in the table

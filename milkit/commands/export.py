@@ -49,10 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from milkit.bag_folders import bag_folder_for_cli
+    from milkit.data.splits import load_splits
     from milkit.errors import MilkitError
-    from milkit.interop import export_bags, write_clam_splits
-    from milkit.splits import load_splits
+    from milkit.interop.export import export_bags, write_clam_splits
+    from milkit.io.bag_folders import bag_folder_for_cli
 
     if args.splits is not None and args.to != "clam":
         raise MilkitError("--splits applies to --to clam only", value=args.to)

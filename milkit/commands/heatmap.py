@@ -50,65 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_command)
 
 
-def attention_scores(run_dir: Path, bag_path: Path, *, fold: str = "all", device: str = "auto",
-                     allow_encoder_mismatch: bool = False):  # fmt: skip
-    """(scores (N,), class probabilities (C,), class names) for one bag, averaged over folds.
-
-    Raises ``MilkitError`` when the bag's encoder or tile spec differs from the run's (unless
-    ``allow_encoder_mismatch``), and ``milkit.oom.BagOutOfMemoryError`` (phase ``heatmap``).
-    """
-    import sys
-
-    import numpy as np
-
-    from milkit.checkpoint import load_checkpoint
-    from milkit.cv import fold_checkpoints, load_run
-    from milkit.data import BagDataset
-    from milkit.errors import MilkitError
-    from milkit.train import predict, resolve_device
-
-    info = load_run(run_dir)
-    if not Path(bag_path).is_file():
-        raise MilkitError("bag file not found", path=bag_path)
-    from milkit.bags import read_bag_header as _header
-    from milkit.commands.predict import check_bags_for_run
-
-    # the same dimension/empty check as `milkit predict`: one clean line, never a traceback
-    if check_bags_for_run(info, {Path(bag_path).stem: _header(bag_path)}, where=bag_path):
-        raise MilkitError(
-            "bag is empty (no tiles), so there is no attention to draw",
-            path=bag_path,
-            hint="The slide had no tissue tiles; see the preprocess manifest for the reason",
-        )
-    from milkit.bags import read_bag_header, slide_id_from_path
-    from milkit.provenance import bag_spec, check_against_run, spec_from_run
-
-    spec = {slide_id_from_path(bag_path): bag_spec(read_bag_header(bag_path))}
-    for note in check_against_run(spec_from_run(info), spec, run_dir=run_dir,
-                                  allow_mismatch=allow_encoder_mismatch):  # fmt: skip
-        print(f"milkit heatmap: note: {note}", file=sys.stderr)
-    dataset = BagDataset([bag_path])
-    dev = resolve_device(device)
-    scores, probs = [], []
-    for ckpt in fold_checkpoints(run_dir, fold):
-        model, meta = load_checkpoint(ckpt, map_location=dev)
-        out = predict(model, dataset, device=dev, with_attention=True, phase="heatmap")
-        if out.attention is None:
-            raise MilkitError(
-                f"model {meta.get('model_name')!r} returns no attention to draw", path=ckpt,
-                hint="Use an attention-based aggregator (e.g. abmil, transmil)",
-            )  # fmt: skip
-        att = out.attention[0]
-        scores.append(att.mean(axis=0) if att.ndim == 2 else att)
-        probs.append(out.probs[0])
-    return np.mean(scores, axis=0), np.mean(probs, axis=0), [str(c) for c in info["class_names"]]
-
-
 def run_command(args: argparse.Namespace) -> int:
     import sys
 
     from milkit.errors import MilkitError
-    from milkit.heatmap import heatmap_for_slide
+    from milkit.evaluation.heatmap import heatmap_for_slide
+    from milkit.training.inference import attention_scores
 
     if args.slide is not None and not args.slide.exists():
         raise MilkitError("slide file not found", path=args.slide)
@@ -116,8 +63,8 @@ def run_command(args: argparse.Namespace) -> int:
         raise MilkitError("--top-k K cuts tiles out of the slide: pass --slide and K >= 1",
                           value=args.top_k)  # fmt: skip
     if args.slide is not None:  # before any model runs: is this the bag's slide?
+        from milkit.evaluation.heatmap import check_slide_matches_bag
         from milkit.feature_extraction.slides import Slide
-        from milkit.heatmap import check_slide_matches_bag
 
         with Slide(args.slide) as slide:
             dims = tuple(int(v) for v in slide.dimensions)
@@ -136,9 +83,9 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"milkit heatmap: note: {note}", file=sys.stderr)
     print(f"wrote {args.out}", file=sys.stderr)
     if args.scores is not None or args.top_k:
-        from milkit.attention_export import save_top_tiles, write_tile_scores
-        from milkit.bags import slide_id_from_path
-        from milkit.heatmap import _read_coords
+        from milkit.evaluation.attention_export import save_top_tiles, write_tile_scores
+        from milkit.evaluation.heatmap import _read_coords
+        from milkit.io.bags import slide_id_from_path
 
         sid = slide_id_from_path(args.bag)
         if args.scores is not None:

@@ -47,15 +47,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_command(args: argparse.Namespace) -> int:
     import sys
 
-    from milkit.checkpoint import save_checkpoint
     from milkit.commands.train import parse_model_args
     from milkit.errors import MilkitError
+    from milkit.io.checkpoint import save_checkpoint
+    from milkit.io.runs import BEST_CHECKPOINT, RUN_FILE, fold_dir
     from milkit.models import load_official
 
     out: Path = args.out
     is_file = out.suffix in (".pt", ".pth", ".safetensors")
-    target = out if is_file else out / "fold_0" / "best.pt"
-    if (target.exists() or (not is_file and (out / "run.json").exists())) and not args.force:
+    target = out if is_file else fold_dir(out, 0) / BEST_CHECKPOINT
+    if (target.exists() or (not is_file and (out / RUN_FILE).exists())) and not args.force:
         raise MilkitError("output exists", path=out, hint="Pass --force to overwrite it")
     imported = load_official(
         args.source, args.family, ignore=list(args.ignore), **parse_model_args(args.model_arg)
@@ -79,11 +80,12 @@ def run_command(args: argparse.Namespace) -> int:
 def _write_run(out: Path, imported, meta: dict) -> None:
     """A one-fold run folder: ``run.json`` + ``fold_0/best.pt`` (what predict/heatmap read)."""
 
-    from milkit.atomic import atomic_write_json
-    from milkit.checkpoint import save_checkpoint
+    from milkit.io.atomic import atomic_write_json
+    from milkit.io.checkpoint import save_checkpoint
+    from milkit.io.runs import BEST_CHECKPOINT, RUN_FILE, fold_dir
 
-    (out / "fold_0").mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / "fold_0" / "best.pt", imported.model, meta)
+    fold_dir(out, 0).mkdir(parents=True, exist_ok=True)
+    save_checkpoint(fold_dir(out, 0) / BEST_CHECKPOINT, imported.model, meta)
     info = {
         "model_name": meta["model_name"],
         "model_kwargs": meta["model_kwargs"],
@@ -94,4 +96,4 @@ def _write_run(out: Path, imported, meta: dict) -> None:
         "milkit_version": meta["milkit_version"],
         "imported_from": meta["imported_from"],
     }
-    atomic_write_json(out / "run.json", info)
+    atomic_write_json(out / RUN_FILE, info)

@@ -54,7 +54,7 @@ def _plain(value: Any) -> Any:
 
 def describe_bag(path: Path) -> dict[str, Any]:
     """N, D, dtype, encoder, source and every attribute of a bag."""
-    from milkit.bags import read_bag_header
+    from milkit.io.bags import read_bag_header
 
     h = read_bag_header(path)
     return _plain(

@@ -52,83 +52,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_command)
 
 
-def predict_run(run_dir: Path, dataset, *, fold: str = "all", batch_size: int = 1,
-                device: str = "auto", with_attention: bool = False):  # fmt: skip
-    """Ensemble-mean ``Predictions`` of the selected fold checkpoints of a run.
-
-    With ``with_attention``, ``attention`` holds one (N,) array per bag: the attention averaged
-    over heads and over the folds' checkpoints (each sums to 1 for softmax attention).
-
-    Raises:
-        MilkitError: attention requested from a model that returns none.
-    """
-    import numpy as np
-
-    from milkit.checkpoint import load_checkpoint
-    from milkit.cv import fold_checkpoints, load_run
-    from milkit.train import predict, resolve_device
-
-    cfg = load_run(run_dir).get("train_config") or {}
-    # an out-of-memory hint suggests the cap the run itself was evaluated (or trained) with
-    cap = cfg.get("eval_max_instances") or cfg.get("max_instances")
-    dev = resolve_device(device)
-    probs, attention, first = [], [], None
-    for ckpt in fold_checkpoints(run_dir, fold):
-        model, meta = load_checkpoint(ckpt, map_location=dev)
-        out = predict(model, dataset, batch_size=batch_size, device=dev, phase="predict",
-                      with_attention=with_attention,
-                      oom_kwargs={"model": meta.get("model_name"), "max_instances": cap})  # fmt: skip
-        probs.append(out.probs)
-        if with_attention:
-            if out.attention is None:
-                from milkit.errors import MilkitError
-
-                raise MilkitError(
-                    f"model {meta.get('model_name')!r} returns no attention to export",
-                    path=ckpt, hint="Use an attention-based aggregator (e.g. abmil, transmil)",
-                )  # fmt: skip
-            attention.append([a.mean(axis=0) if a.ndim == 2 else a for a in out.attention])
-        first = first or out
-    first.probs = np.mean(probs, axis=0)
-    if with_attention:
-        first.attention = [np.mean(per_fold, axis=0) for per_fold in zip(*attention)]
-    return first
-
-
-def check_bags_for_run(info, headers, *, where) -> list[str]:
-    """Check bag headers against a run before any model sees them (predict and heatmap alike).
-
-    Args:
-        info: the run (``milkit.cv.load_run``), for its ``in_dim``.
-        headers: ``{slide_id: BagHeader}``.
-        where: the bags folder or bag file named in the error.
-
-    Raises MilkitError (one line, up to 5 slides) when a feature dimension differs from the
-    run's ``in_dim``. Returns the ids of empty (0-tile) bags, which the caller skips or refuses.
-    """
-    from milkit.errors import MilkitError
-
-    wrong = [f"{sid} ({h.dim})" for sid, h in headers.items() if h.dim != info["in_dim"]]
-    if wrong:
-        raise MilkitError(
-            f"feature dimension differs from the run's in_dim {info['in_dim']}",
-            value=wrong[:5],
-            path=where,
-            hint="Extract the bags with the encoder used for training",
-        )
-    return [sid for sid, h in headers.items() if h.num_instances == 0]
-
-
 def run_command(args: argparse.Namespace) -> int:
     import sys
 
-    from milkit.atomic import atomic_path
-    from milkit.bag_folders import bag_folder_for_cli
-    from milkit.bags import list_bags, read_bag_header
-    from milkit.cv import load_run
-    from milkit.data import BagDataset, load_labels
+    from milkit.data.datasets import BagDataset
+    from milkit.data.labels import load_labels
+    from milkit.data.provenance import bag_spec, check_against_run, spec_from_run
     from milkit.errors import MilkitError
-    from milkit.provenance import bag_spec, check_against_run, spec_from_run
+    from milkit.io.atomic import atomic_path
+    from milkit.io.bag_folders import bag_folder_for_cli
+    from milkit.io.bags import list_bags, read_bag_header
+    from milkit.io.runs import load_run
+    from milkit.training.inference import check_bags_for_run, predict_run
 
     if args.attention is not None and args.max_instances is not None:
         raise MilkitError(
@@ -177,8 +112,8 @@ def run_command(args: argparse.Namespace) -> int:
     preds = predict_run(args.run, dataset, fold=args.fold, batch_size=args.batch_size,
                         device=args.device, with_attention=args.attention is not None)  # fmt: skip
     if args.attention is not None:
-        from milkit.attention_export import write_tile_scores
-        from milkit.heatmap import _read_coords
+        from milkit.evaluation.attention_export import write_tile_scores
+        from milkit.evaluation.heatmap import _read_coords
 
         for sid, path, att in zip(preds.slide_ids, dataset.paths, preds.attention, strict=True):
             coords, _ = _read_coords(path)
@@ -195,7 +130,7 @@ def run_command(args: argparse.Namespace) -> int:
     if empty:
         print(f"skipped {len(empty)} empty bag(s): {', '.join(empty[:10])}", file=sys.stderr)
     if args.labels is not None:
-        from milkit.metrics import classification_metrics
+        from milkit.training.metrics import classification_metrics
 
         m = classification_metrics(preds.labels, preds.probs, names)
         print(f"auc {m['auc']:.3f}  accuracy {m['accuracy']:.3f}  "

@@ -50,9 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from milkit.bag_folders import bag_folder_for_cli
     from milkit.errors import MilkitError
-    from milkit.report.run_report import build_run_report
+    from milkit.evaluation.run_report import build_run_report
+    from milkit.io.bag_folders import bag_folder_for_cli
 
     for name in ("bootstrap", "top_k", "max_slides"):
         if getattr(args, name) < 0:

@@ -158,7 +158,7 @@ def parse_model_args(items: list[str]) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace):
     """The ``TrainConfig`` equal to the parsed command line (preset + explicit options)."""
-    from milkit.train import TrainConfig
+    from milkit.training.trainer import TrainConfig
 
     overrides = {
         "epochs": args.epochs,
@@ -190,11 +190,12 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from milkit.bag_folders import bag_folder_for_cli
-    from milkit.cv import build_model, cross_validate, format_summary
-    from milkit.data import load_labels
-    from milkit.distributed import cleanup_distributed, env_world_size
-    from milkit.splits import load_splits, make_cv_splits
+    from milkit.data.labels import load_labels
+    from milkit.data.splits import load_splits, make_cv_splits
+    from milkit.io.bag_folders import bag_folder_for_cli
+    from milkit.io.runs import SPLITS_FILE
+    from milkit.runtime.distributed import cleanup_distributed, env_world_size
+    from milkit.training.cv import build_model, cross_validate, format_summary
 
     args.bags = bag_folder_for_cli(args.bags, "milkit train")  # TRIDENT/CLAM trees too
     model_kwargs = parse_model_args(args.model_arg)
@@ -209,7 +210,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.splits is not None:
         splits = load_splits(args.splits)
     elif (args.folds is not None or not table.has_split) and not (
-        args.resume and (args.out / "splits.csv").exists()
+        args.resume and (args.out / SPLITS_FILE).exists()
     ):
         splits = make_cv_splits(table, folds=args.folds or 5, val_fraction=args.val_fraction,
                                 seed=config.seed)  # fmt: skip

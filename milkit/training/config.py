@@ -1,6 +1,6 @@
 """``TrainConfig``: every knob of one training run, without importing torch.
 
-It lives apart from the trainer (``milkit.train``, which re-exports it) so that the command line
+It lives apart from the trainer (``milkit.training.trainer``, which re-exports it) so that the command line
 can show the real defaults in ``milkit train --help`` without loading torch.
 """
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from milkit.bags import read_bag
 from milkit.cli import main
+from milkit.io.bags import read_bag
 
 
 def test_preprocess_help_shows_example(capsys):

@@ -15,7 +15,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from milkit.bags import is_complete_bag, read_bag, write_bag
 from milkit.errors import MilkitError
 from milkit.feature_extraction.extract import (
     ExtractConfig,
@@ -27,6 +26,7 @@ from milkit.feature_extraction.extract import (
     read_manifest,
     select_shard,
 )
+from milkit.io.bags import is_complete_bag, read_bag, write_bag
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = [

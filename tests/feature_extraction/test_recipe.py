@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from milkit.bags import read_bag, read_bag_header
 from milkit.cli import main
 from milkit.feature_extraction.extract import ExtractConfig, preprocess, read_manifest
 from milkit.feature_extraction.recipe import build_recipe, recipe_differences
 from milkit.feature_extraction.tissue import TissueParams
+from milkit.io.bags import read_bag, read_bag_header
 
 FAST = dict(encoder="fast", num_workers=0, progress=False, qc=False)
 CMU = "CMU-1-Small-Region"

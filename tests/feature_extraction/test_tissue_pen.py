@@ -246,8 +246,8 @@ def test_extract_config_and_cli_pass_the_option_into_the_tissue_parameters() -> 
 
 
 def test_preprocess_records_the_pen_filter_in_the_bag_and_qc(ink_case, tmp_path: Path) -> None:
-    from milkit.bags import read_bag_header
     from milkit.feature_extraction.extract import preprocess
+    from milkit.io.bags import read_bag_header
 
     inked, _ = ink_case
     cfg = ExtractConfig(encoder="fast", num_workers=0, progress=False, device="cpu")

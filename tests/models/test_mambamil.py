@@ -209,7 +209,7 @@ def test_mamba_mixer_matches_mamba_ssm_kernels_on_same_weights():
 
 
 def test_training_preset_is_a_valid_train_config():
-    from milkit.train import TrainConfig
+    from milkit.training.config import TrainConfig
 
     cfg = TrainConfig.for_model("mambamil", "official")
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.epochs) == ("adam", 2e-4, 1e-5, 200)

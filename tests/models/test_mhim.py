@@ -197,7 +197,7 @@ def test_teacher_init_from_checkpoint(tmp_path):
 def test_teacher_init_refuses_a_checkpoint_of_another_model(tmp_path):
     """A plain `transmil` (szc layout) checkpoint has the same keys as MHIM's SAttention base but
     computes another function: refused by its recorded model name, not loaded silently."""
-    from milkit.checkpoint import save_checkpoint
+    from milkit.io.checkpoint import save_checkpoint
 
     meta = {"model_name": "transmil", "in_dim": 16, "class_names": ["a", "b"]}
     path = save_checkpoint(tmp_path / "best.pt", models.create("transmil", 16, 2), meta)

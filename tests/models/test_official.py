@@ -243,7 +243,7 @@ def test_every_family_has_a_mapping_and_aliases_resolve():
 
 
 def test_read_state_refuses_milkit_checkpoints(tmp_path):
-    from milkit.checkpoint import save_checkpoint
+    from milkit.io.checkpoint import save_checkpoint
 
     model = models.create("abmil", 8, 2)
     save_checkpoint(tmp_path / "best.pt", model, {"model_name": "abmil"})
@@ -253,11 +253,10 @@ def test_read_state_refuses_milkit_checkpoints(tmp_path):
 
 # ---------------------------------------------------------------------------------- CLI
 def test_cli_import_weights_run_folder_works_with_predict(tmp_path, capsys):
-    from milkit.bags import write_bag
-    from milkit.checkpoint import load_checkpoint
     from milkit.cli import main
-    from milkit.commands.predict import predict_run
-    from milkit.data import BagDataset
+    from milkit.data.datasets import BagDataset
+    from milkit.io.bags import write_bag
+    from milkit.training.inference import load_checkpoint, predict_run
 
     src = tmp_path / "s_0_checkpoint.pt"
     state = clam_sb_state(prefix="module.")
@@ -295,7 +294,7 @@ def test_cli_import_weights_checkpoint_is_a_teacher_init(tmp_path):
 
 
 def test_load_checkpoint_of_an_official_file_points_to_import_weights(tmp_path):
-    from milkit.checkpoint import load_checkpoint
+    from milkit.training.inference import load_checkpoint
 
     path = tmp_path / "s_0_checkpoint.pt"
     torch.save(clam_sb_state(prefix="module."), path)

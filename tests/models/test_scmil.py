@@ -246,7 +246,7 @@ def test_invalid_arguments_are_explained(kwargs, pattern):
 
 def _toy_task(n_bags: int = 16, seed: int = 0):
     """Bags of 3-8 instances; class-1 bags hold one instance shifted along the first axis."""
-    from milkit.data import InMemoryBagDataset
+    from milkit.data.datasets import InMemoryBagDataset
 
     g = torch.Generator().manual_seed(seed)
     bags, labels = [], []
@@ -261,7 +261,7 @@ def _toy_task(n_bags: int = 16, seed: int = 0):
 
 @pytest.mark.slow
 def test_trains_through_the_trainer_with_the_official_preset():
-    from milkit.train import TrainConfig, Trainer
+    from milkit.training.trainer import TrainConfig, Trainer
 
     torch.manual_seed(0)
     config = TrainConfig.for_model("scmil-abmil", "official", epochs=3, progress=False, seed=0)

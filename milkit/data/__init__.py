@@ -1,0 +1,28 @@
+"""Cohorts: labels tables, bag datasets, batching, samplers, splits, provenance, MIL benchmarks.
+
+The names below are importable from ``milkit.data`` directly (loaded on first use, so that
+importing a light submodule such as ``milkit.data.label_cells`` does not import torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "LabelTable": "labels",
+    "load_labels": "labels",
+    "BagDataset": "datasets",
+    "InMemoryBagDataset": "datasets",
+    "collate_bags": "collate",
+    "balanced_sampler": "sampling",
+    "balanced_weights": "sampling",
+    "class_weights": "sampling",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"milkit.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'milkit.data' has no attribute {name!r}")

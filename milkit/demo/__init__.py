@@ -1,0 +1,1 @@
+"""``milkit demo``: the synthetic-cohort pipeline (slides → bags → CV → checks) and its report."""

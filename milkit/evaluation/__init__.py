@@ -1,0 +1,1 @@
+"""After training: metrics, run-level evaluation, attention heatmaps and exports, the run report."""

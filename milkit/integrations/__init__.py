@@ -1,1 +1,0 @@
-"""Adapters that let other MIL toolkits drive milkit models (optional dependencies)."""

@@ -1,1 +1,0 @@
-"""HTML + Markdown reports (the ``milkit demo`` report and its building blocks)."""
