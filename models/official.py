@@ -50,8 +50,9 @@ __all__ = [
 ]
 
 
-# (milkit key, dim) whose size gives the value, or a function of the converted state.
-ShapeSpec = tuple[str, int] | Callable[[Mapping[str, Tensor]], int]
+# (milkit key, dim) whose size gives the value, or a function of the converted state and the
+# constructor arguments (inferred and overridden; e.g. DSMIL's negative_class adds a class).
+ShapeSpec = tuple[str, int] | Callable[[Mapping[str, Tensor], Mapping[str, Any]], int]
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ def _clam_sb(state: Mapping[str, Tensor]) -> dict[str, Any]:
     return _clam_size(state)
 
 
-def _clam_mb_classes(state: Mapping[str, Tensor]) -> int:
+def _clam_mb_classes(state: Mapping[str, Tensor], _kwargs: Mapping[str, Any]) -> int:
     return len({k.split(".")[1] for k in state if k.startswith("classifiers.")})
 
 
@@ -273,6 +274,50 @@ def _infer_mamba(state: Mapping[str, Tensor]) -> dict[str, Any]:
         "d_state": int(state["layers.0.1.A_log"].shape[1]),
         "d_conv": int(state["layers.0.1.conv1d.weight"].shape[-1]),
     }
+
+
+def _dsmil_infer(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """O sigmoid outputs: one (Camelyon16, ``--num_classes 1``) has an implicit negative class."""
+    return {"negative_class": int(state["i_classifier.fc.0.weight"].shape[0]) == 1}
+
+
+def _dsmil_classes(state: Mapping[str, Tensor], kwargs: Mapping[str, Any]) -> int:
+    outputs = int(state["i_classifier.fc.0.weight"].shape[0])
+    return outputs + 1 if kwargs.get("negative_class") else outputs
+
+
+_DSMIL_RULES = (
+    Rule("i_classifier.*", "i_classifier.*"),  # FCLayer.fc: milkit keeps the official names
+    Rule("b_classifier.*", "b_classifier.*"),  # BClassifier q, v, fcc
+)
+_DSMIL_NOTE = (
+    "DSMIL's bag and instance scores are sigmoid outputs: one output (Camelyon16, "
+    "--num_classes 1) becomes 2 classes [0, s] (softmax(logits)[1] = σ(s), the official "
+    "probability); O ≥ 2 outputs become O classes (softmax over the O scores: the argmax is the "
+    "official one, the values are not its per-class sigmoids). If the run's labels had a "
+    "negative class (label = num_classes, all-zero target), pass negative_class=True (O + 1 "
+    "classes, class 0 negative). Not stored in the file: dropout_v (--dropout_node, inactive in "
+    "eval) and the decision thresholds (the .json beside the .pth)"
+)
+_DSMIL_SIGNATURE = ("i_classifier.fc.0.weight", "b_classifier.fcc.weight")
+
+
+def _dsmil_variant(
+    name: str, q_key: str, value: bool, overrides: dict[str, Any], note: str = ""
+) -> Variant:
+    signature = (*_DSMIL_SIGNATURE, q_key) + (("b_classifier.v.1.weight",) if value else ())
+    return Variant(
+        name,
+        signature,
+        "dsmil",
+        _DSMIL_RULES,
+        overrides={**overrides, "passing_v": value},
+        shapes={"q_dim": (q_key.replace(".2.", ".0."), 0)},
+        infer=_dsmil_infer,
+        note=" ".join(p for p in (note, _DSMIL_NOTE) if p),
+        in_dim=("i_classifier.fc.0.weight", 1),
+        num_classes=_dsmil_classes,
+    )
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -565,6 +610,52 @@ FAMILIES: tuple[Family, ...] = (
             ),
         ),
     ),
+    Family(
+        "dsmil",
+        "binli123/dsmil-wsi dsmil.py, MILNet(FCLayer, BClassifier) as train_tcga.py saves it",
+        (
+            # Order matters: the first variant whose signature keys are all present wins.
+            Variant(
+                "BClassifier with the 'lin' layer (dsmil.py 2022-02-02 … 2022-09-18, "
+                "--non_linearity 1)",
+                ("b_classifier.lin.0.weight",),
+                None,
+                note="that BClassifier passes every feature through lin = Linear(D, D)→ReLU "
+                "before q, v and the critical-instance query; milkit's dsmil has no such "
+                "layer. Weights from dsmil.py since 2022-09-18 (dbb5cab) or before 2022-02-02 "
+                "import",
+            ),
+            _dsmil_variant(
+                "MILNet, nonlinear q, passing_v value network (dsmil.py since 2022-09-18)",
+                "b_classifier.q.2.weight",
+                True,
+                {"nonlinear": True, "value_relu": True},
+            ),
+            _dsmil_variant(
+                "MILNet, nonlinear q (dsmil.py since 2022-09-18, train_tcga.py default)",
+                "b_classifier.q.2.weight",
+                False,
+                {"nonlinear": True},
+            ),
+            _dsmil_variant(
+                "MILNet, linear q + value Linear (dsmil.py before 2022-09-18: CVPR 2021 code)",
+                "b_classifier.q.weight",
+                True,
+                {"nonlinear": False, "value_relu": False},
+                note="linear q with a value Linear: the layout of every dsmil.py before "
+                "2022-09-18, whose value network has no ReLU (value_relu=False assumed). Since "
+                "then (BClassifier(nonlinear=False, passing_v=True)) the same keys carry a "
+                "ReLU: pass value_relu=True for weights trained with that code",
+            ),
+            _dsmil_variant(
+                "MILNet, linear q (dsmil.py since 2022-09-18, --non_linearity 0)",
+                "b_classifier.q.weight",
+                False,
+                {"nonlinear": False},
+            ),
+        ),
+        aliases=("dsmil-wsi",),
+    ),
 )
 
 
@@ -759,9 +850,14 @@ def convert_state(
     return out, notes
 
 
-def _shape_arg(state: Mapping[str, Tensor], spec: ShapeSpec, what: str) -> int:
+def _shape_arg(
+    state: Mapping[str, Tensor],
+    spec: ShapeSpec,
+    what: str,
+    kwargs: Mapping[str, Any] | None = None,
+) -> int:
     if callable(spec):
-        return int(spec(state))
+        return int(spec(state, kwargs or {}))
     key, dim = spec
     if key not in state:
         raise MilkitError(f"cannot infer {what}: the converted weights lack {key}")
@@ -783,7 +879,7 @@ def load_official(
             containers and DataParallel ``module.`` prefixes are unwrapped).
         family: the official code: ``clam``, ``ilse`` (AttentionDeepMIL), ``transmil``,
             ``mhim`` (MHIM-MIL v1/v2, incl. its shipped init checkpoints), ``rrt`` (R²T-MIL),
-            ``mambamil``, ``aem``.
+            ``mambamil``, ``aem``, ``dsmil`` (binli123/dsmil-wsi).
         ignore: official key patterns (``*`` = rest of the key) to drop on purpose.
         **overrides: milkit constructor arguments that the file cannot tell (e.g.
             ``legacy_nystrom=True``, ``mixer="bimamba"``, ``region_num=16``); they also override
@@ -818,8 +914,8 @@ def load_official(
     if variant.infer is not None:
         kwargs.update(variant.infer(converted))
     kwargs.update(overrides)
-    in_dim = _shape_arg(converted, variant.in_dim, "in_dim")
-    num_classes = _shape_arg(converted, variant.num_classes, "num_classes")
+    in_dim = _shape_arg(converted, variant.in_dim, "in_dim", kwargs)
+    num_classes = _shape_arg(converted, variant.num_classes, "num_classes", kwargs)
     try:
         model = models.create(variant.model, in_dim, num_classes, **kwargs)
     except (TypeError, ValueError, KeyError) as err:

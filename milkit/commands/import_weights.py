@@ -10,10 +10,11 @@ EXAMPLE = """example:
   milkit import-weights fold_0_model_best_auc.pt --family mhim --out teacher_fold0.pt
   milkit import-weights TransMIL.ckpt.pt --family transmil --model-arg legacy_nystrom=true \\
       --class-names normal,tumor --out runs/transmil_official
+  milkit import-weights weights/20240101/fold_0_1.pth --family dsmil --out runs/dsmil
 
 Families: clam (CLAM_SB), ilse (AttentionDeepMIL), transmil, mhim (MHIM-MIL v1/v2 incl. the
-shipped init checkpoints), rrt (R2T-MIL), mambamil, aem. Loading is strict: every official key
-must map onto the milkit model (or the error lists those that do not).
+shipped init checkpoints), rrt (R2T-MIL), mambamil, aem, dsmil (dsmil-wsi MILNet). Loading is
+strict: every official key must map onto the milkit model (or the error lists those that do not).
 
 --out FILE.pt / FILE.safetensors writes one checkpoint (as `milkit train` writes best.pt; usable
 as teacher_init and with load_checkpoint). --out FOLDER writes a one-fold run folder
@@ -32,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("source", type=Path, help="official weights (.pt/.pth/.safetensors)")
     p.add_argument("--family", required=True,
-                   help="official code: clam, ilse, transmil, mhim, rrt, mambamil, aem")  # fmt: skip
+                   help="official code: clam, ilse, transmil, mhim, rrt, mambamil, aem, dsmil")  # fmt: skip
     p.add_argument("--out", required=True, type=Path,
                    help="checkpoint file (.pt/.safetensors) or run folder to write")  # fmt: skip
     p.add_argument("--class-names", help="comma-separated class names (default 0,1,...)")

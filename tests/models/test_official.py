@@ -234,8 +234,10 @@ def test_every_family_has_a_mapping_and_aliases_resolve():
         "rrt",
         "mambamil",
         "aem",
+        "dsmil",
     }
     assert get_family("AttentionDeepMIL").name == "ilse"
+    assert get_family("dsmil_wsi").name == "dsmil"
     assert get_family("rrt_mil").name == "rrt"
     for fam in FAMILIES:
         for v in fam.variants:
