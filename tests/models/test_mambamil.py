@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from milkit import models
-from milkit.models.layers.mamba_block import BiMamba, Mamba, SRMamba, sr_order, sr_unorder
+from milkit.models.layers import mamba_block
+from milkit.models.layers.mamba_block import (
+    BiMamba,
+    Mamba,
+    SRMamba,
+    sr_order,
+    sr_unorder,
+    ssm_a,
+)
 
 SMALL = {"dim": 16, "d_state": 4, "expand": 2, "attn_dim": 8}
 
@@ -44,6 +53,46 @@ def test_parameter_names_and_mamba_ssm_init():
     assert bool((dt >= 1e-3 - 1e-7).all() and (dt <= 0.1 + 1e-7).all())
     bound = mixer.dt_rank**-0.5
     assert mixer.dt_proj.weight.abs().max() <= bound
+
+
+def _correctly_rounded_a(a_log: torch.Tensor) -> torch.Tensor:
+    """−exp(a) rounded once to float32, from Python's double exp (platform independent)."""
+    values = [-math.exp(float(v)) for v in a_log.detach().float().flatten()]
+    return torch.from_numpy(np.array(values, dtype=np.float64).astype(np.float32)).view_as(a_log)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-4.0, 4.0, width=16), min_size=1, max_size=64))
+def test_ssm_a_is_the_correctly_rounded_float32(values):
+    """A = −exp(A_log) in float32, rounded once: the same A on every platform. Torch's float32
+    CPU exp is 1 ulp off for some inputs, e.g. log 7 in float16 (the fidelity fixtures' A_log),
+    which moved float64 MambaMIL outputs by 8e-10 against the official run on another machine."""
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        a_log = torch.tensor(values, dtype=torch.float64).to(dtype).view(-1, 1)
+        a = ssm_a(a_log)
+        assert a.dtype == torch.float32
+        assert torch.equal(a, _correctly_rounded_a(a_log))
+
+
+def test_mixer_scans_with_the_correctly_rounded_a(monkeypatch):
+    """The mixer's A is ``ssm_a``: log 7 (float16) and log(1..16) in the scan of a float64 run."""
+    log7 = torch.tensor(1.9462890625, dtype=torch.float64)  # float16(log 7)
+    assert float(ssm_a(log7.view(1, 1))) == -7.002653121948242  # torch's float32 exp: 7.0026526
+    torch.manual_seed(1)
+    mixer = Mamba(16, d_state=16, backend="ref").double()
+    with torch.no_grad():
+        mixer.A_log.copy_(torch.log(torch.arange(1, 17.0)).half().double().repeat(32, 1))
+        mixer.A_log[:, 6] = log7
+    seen = {}
+    original = mamba_block.selective_scan
+
+    def spy(u, delta, A, *args, **kwargs):
+        seen["A"] = A
+        return original(u, delta, A, *args, **kwargs)
+
+    monkeypatch.setattr(mamba_block, "selective_scan", spy)
+    mixer(torch.randn(1, 5, 16, dtype=torch.float64))
+    assert torch.equal(seen["A"], _correctly_rounded_a(mixer.A_log))
 
 
 def test_official_init_resets_mixer_linears_and_mamba_ssm_init_keeps_them():
