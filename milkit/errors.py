@@ -81,6 +81,32 @@ class UnknownNameError(MilkitError, KeyError):
         return Exception.__str__(self)
 
 
+class ModelError(MilkitError, TypeError, ValueError):
+    """An aggregator refused its arguments or its input: ``"<registered name>: <problem>"``.
+
+    The one error template of ``milkit.models``: a MilkitError (the CLI prints one line), and a
+    TypeError/ValueError for code that catches those. ``models.create`` re-raises it under the
+    name the user asked for (``abmil-gated``, not the class's first name).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        problem: str,
+        *,
+        value: Any = _UNSET,
+        path: str | PathLike[str] | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.model, self.problem, self._raw_value = model, problem, value
+        super().__init__(f"{model}: {problem}", value=value, path=path, hint=hint)
+
+    def renamed(self, model: str) -> ModelError:
+        """The same error under another model name."""
+        return type(self)(model, self.problem, value=self._raw_value, path=self.path,
+                          hint=self.hint)  # fmt: skip
+
+
 def one_line(text: str, limit: int = 300) -> str:
     """``text`` on one line, without ANSI colour codes, at most ``limit`` characters.
 

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from milkit.errors import ModelError
 from milkit.models.base import MILModel, MILOutput, check_bag_input
 from milkit.models.clam import CLAM_RECIPE
 from milkit.models.layers.attention_pool import AttentionPool, make_act
@@ -133,6 +134,8 @@ class ABMIL(MILModel):
             zero biases: CLAM before 2024-04, DearCaat's MHIM-MIL / RRT-MIL).
     """
 
+    model_name = "abmil"
+
     permutation_invariant: ClassVar[bool] = True
     mil_respecting: ClassVar[bool] = False
     supports_padding: ClassVar[bool] = True
@@ -156,7 +159,7 @@ class ABMIL(MILModel):
     ) -> None:
         super().__init__()
         if init not in ("xavier", "default"):
-            raise ValueError(f"ABMIL: init must be 'xavier' or 'default', got {init!r}")
+            raise ModelError("abmil", "init must be 'xavier' or 'default'", value=init)
         self.in_dim, self.num_classes = in_dim, num_classes
         if fc_dim is None:
             self.fc: nn.Module = nn.Identity()
@@ -206,5 +209,5 @@ class ABMIL(MILModel):
     def forward(
         self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
     ) -> MILOutput:
-        mask = check_bag_input(x, mask, model="abmil")
+        mask = check_bag_input(x, mask, model=self.model_name)
         return self.forward_embedded(self.fc(x), mask)

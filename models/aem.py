@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from milkit.errors import MilkitError
+from milkit.errors import ModelError
 from milkit.models.base import MILModel, MILOutput, WrappedMIL, check_bag_input
 from milkit.models.layers.attention_pool import AttentionPool
 from milkit.models.layers.masking import masked_log_softmax, masked_softmax
@@ -137,8 +137,9 @@ class AttentionEntropyMixin:
             kept = (index, keep)
         out = self.forward_base(x, mask, coords)
         if out.attention_logits is None:
-            raise MilkitError(
-                f"{self.model_name}: the base model returns no attention_logits",
+            raise ModelError(
+                self.model_name,
+                "the base model returns no attention_logits",
                 hint="AEM regularises attention; wrap a model with instance attention "
                 "(e.g. abmil-gated, abmil)",
             )
@@ -148,8 +149,9 @@ class AttentionEntropyMixin:
             and torch.is_grad_enabled()
             and not out.attention_logits.requires_grad
         ):
-            raise MilkitError(
-                f"{self.model_name}: the base model's attention_logits carry no gradient, so the "
+            raise ModelError(
+                self.model_name,
+                "the base model's attention_logits carry no gradient, so the "
                 "AEM term cannot train it",
                 hint="use a base whose attention comes from a differentiable softmax "
                 "(e.g. abmil-gated, aem-mha)",
@@ -177,13 +179,14 @@ class AttentionEntropyMixin:
 
 def _check_aem_args(name: str, lamda: float, subsampling: float) -> None:
     if not (0.0 < float(subsampling) <= 1.0):
-        raise MilkitError(
-            f"{name}: subsampling must be in (0, 1]",
+        raise ModelError(
+            name,
+            "subsampling must be in (0, 1]",
             value=subsampling,
             hint="use e.g. 0.8 to keep 80% of the instances per training step, 1.0 = off",
         )
     if not math.isfinite(float(lamda)):
-        raise MilkitError(f"{name}: lamda must be a finite number", value=lamda)
+        raise ModelError(name, "lamda must be a finite number", value=lamda)
 
 
 def _reduction(in_dim: int, inner_dim: int) -> nn.Sequential:
@@ -346,8 +349,9 @@ class AEM(AttentionEntropyMixin, WrappedMIL):
     ) -> None:
         _check_aem_args("aem", lamda, subsampling)
         if normalise_name(base).startswith("aem"):
-            raise MilkitError(
-                "aem: the base already carries the AEM regulariser",
+            raise ModelError(
+                "aem",
+                "the base already carries the AEM regulariser",
                 value=base,
                 hint="use that model directly and set its lamda",
             )

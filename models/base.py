@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from milkit.errors import ModelError
+
 
 @dataclass(frozen=True)
 class MILOutput:
@@ -53,6 +55,9 @@ class MILModel(nn.Module):
       uses it. Empty means "use the trainer's defaults".
     """
 
+    # The name in error messages (milkit.errors.ModelError): the class's registered name;
+    # ``models.create`` sets the name the model was built under (``abmil-gated``, ...).
+    model_name: str = "mil-model"
     permutation_invariant: ClassVar[bool] = True
     mil_respecting: ClassVar[bool] = False
     supports_padding: ClassVar[bool] = True
@@ -115,7 +120,8 @@ class WrappedMIL(MILModel):
     def forward(
         self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
     ) -> MILOutput:
-        """The base's output unchanged."""
+        """The base's output unchanged (the input is checked under the wrapper's name first)."""
+        check_bag_input(x, mask, model=self.model_name)
         return self.base(x, mask, coords)
 
     def training_loss(
@@ -134,22 +140,21 @@ class WrappedMIL(MILModel):
 def check_bag_input(x: Tensor, mask: Tensor | None, *, model: str) -> Tensor | None:
     """Validate ``(x, mask)`` at the model boundary; return the mask as bool (or None).
 
-    Raises ``ValueError`` with the model's name for a wrong rank or shape, and for a bag
+    Raises ``milkit.errors.ModelError`` (a ValueError) with the model's name for a wrong rank or shape, and for a bag
     whose instances are all masked (it would otherwise produce NaN).
     """
     if x.ndim != 3:
-        raise ValueError(f"{model}: x must have shape (B, N, D), got {tuple(x.shape)}")
+        raise ModelError(model, "x must have shape (B, N, D)", value=tuple(x.shape))
     if x.shape[1] == 0:
-        raise ValueError(f"{model}: empty bag (N = 0); a bag needs at least one instance")
+        raise ModelError(model, "empty bag (N = 0); a bag needs at least one instance")
     if mask is None:
         return None
     if mask.shape != x.shape[:2]:
-        raise ValueError(
-            f"{model}: mask must have shape (B, N) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}"
-        )
+        raise ModelError(model, f"mask must have shape (B, N) = {tuple(x.shape[:2])}",
+                         value=tuple(mask.shape))  # fmt: skip
     mask = mask.to(torch.bool)
     empty = ~mask.any(dim=1)
     if bool(empty.any()):
         rows = empty.nonzero().flatten().tolist()
-        raise ValueError(f"{model}: bag(s) {rows} are fully masked; every bag needs an instance")
+        raise ModelError(model, f"bag(s) {rows} are fully masked; every bag needs an instance")
     return mask

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from milkit.errors import MilkitError
+from milkit.errors import ModelError
 from milkit.models.base import MILModel, MILOutput, check_bag_input
 from milkit.models.layers.masking import masked_softmax
 from milkit.models.registry import register_aggregator
@@ -144,21 +144,22 @@ class _CLAM(MILModel):
         super().__init__()
         name = self.model_name
         if size not in SIZES:
-            raise MilkitError(f"{name}: unknown size", value=size, hint=f"use one of {list(SIZES)}")
+            raise ModelError(name, "unknown size", value=size, hint=f"use one of {list(SIZES)}")
         if inst_loss not in INSTANCE_LOSSES:
-            raise MilkitError(
-                f"{name}: unknown inst_loss", value=inst_loss, hint=f"use {list(INSTANCE_LOSSES)}"
+            raise ModelError(
+                name, "unknown inst_loss", value=inst_loss, hint=f"use {list(INSTANCE_LOSSES)}"
             )
         if small_bags not in SMALL_BAG_POLICIES:
-            raise MilkitError(
-                f"{name}: unknown small_bags policy",
+            raise ModelError(
+                name,
+                "unknown small_bags policy",
                 value=small_bags,
                 hint=f"use one of {list(SMALL_BAG_POLICIES)}",
             )
         if int(k_sample) < 1:
-            raise MilkitError(f"{name}: k_sample must be >= 1", value=k_sample)
+            raise ModelError(name, "k_sample must be >= 1", value=k_sample)
         if not 0.0 <= bag_weight <= 1.0:
-            raise MilkitError(f"{name}: bag_weight must be in [0, 1]", value=bag_weight)
+            raise ModelError(name, "bag_weight must be in [0, 1]", value=bag_weight)
         self.in_dim, self.num_classes = in_dim, num_classes
         self.gate, self.size, self.k_sample = bool(gate), size, int(k_sample)
         self.inst_loss, self.bag_weight = inst_loss, float(bag_weight)
@@ -246,8 +247,9 @@ class _CLAM(MILModel):
         k = self.k_sample
         if n < k:
             if self.small_bags == "error":
-                raise MilkitError(
-                    f"{self.model_name}: bag {index} has {n} instances, fewer than "
+                raise ModelError(
+                    self.model_name,
+                    f"bag {index} has {n} instances, fewer than "
                     f"k_sample = {k} (the official CLAM code fails here in torch.topk)",
                     hint="Pass small_bags='clip' (use all n instances) or 'skip' (no instance "
                     "loss for such bags), or lower k_sample",
@@ -287,13 +289,14 @@ class _CLAM(MILModel):
         elif not self.training:  # eval: h is deterministic, recompute it
             raw, h = output.attention_logits, self.attention_net[:3](batch["features"])
         else:
-            raise MilkitError(
-                f"{self.model_name}: training_loss needs the output of this model's latest "
+            raise ModelError(
+                self.model_name,
+                "training_loss needs the output of this model's latest "
                 "training-mode forward (its instance embeddings carry that forward's dropout)",
                 hint="Call model(x) and then model.training_loss(batch, output, criterion)",
             )
         if raw is None:
-            raise MilkitError(f"{self.model_name}: output lacks attention logits")
+            raise ModelError(self.model_name, "output lacks attention logits")
         return (raw.unsqueeze(1) if raw.ndim == 2 else raw), h
 
     def training_loss(

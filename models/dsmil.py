@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from milkit.errors import MilkitError
+from milkit.errors import ModelError
 from milkit.models.base import MILModel, MILOutput, check_bag_input
 from milkit.models.layers.masking import fill_masked, masked_softmax
 from milkit.models.registry import register_aggregator
@@ -132,6 +132,8 @@ class DSMIL(MILModel):
         init: ``"orthogonal"`` (train_tcga.py) or ``"default"`` (PyTorch).
     """
 
+    model_name = "dsmil"
+
     permutation_invariant: ClassVar[bool] = True
     mil_respecting: ClassVar[bool] = False
     supports_padding: ClassVar[bool] = True
@@ -166,9 +168,9 @@ class DSMIL(MILModel):
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
-            raise MilkitError("dsmil: unknown loss", value=loss, hint=f"use one of {list(LOSSES)}")
+            raise ModelError("dsmil", "unknown loss", value=loss, hint=f"use one of {list(LOSSES)}")
         if init not in INITS:
-            raise MilkitError("dsmil: unknown init", value=init, hint=f"use one of {list(INITS)}")
+            raise ModelError("dsmil", "unknown init", value=init, hint=f"use one of {list(INITS)}")
         if negative_class is None:
             negative_class = num_classes == 2
         self.in_dim, self.num_classes = in_dim, num_classes
@@ -195,7 +197,7 @@ class DSMIL(MILModel):
     def forward(
         self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
     ) -> MILOutput:
-        mask = check_bag_input(x, mask, model="dsmil")
+        mask = check_bag_input(x, mask, model=self.model_name)
         bc = self.b_classifier
         inst = self.i_classifier(x)  # (B, N, O)
         critical = fill_masked(inst.transpose(1, 2), mask).argmax(dim=-1)  # (B, O)
@@ -226,7 +228,7 @@ class DSMIL(MILModel):
         """Max-pooled instance logits over real instances (B, C) — DSMIL's instance stream."""
         inst = output.instance_logits
         if inst is None:
-            raise MilkitError("dsmil: output lacks instance logits")
+            raise ModelError("dsmil", "output lacks instance logits")
         if mask is not None:
             inst = inst.masked_fill(~mask.to(torch.bool)[..., None], torch.finfo(inst.dtype).min)
         return inst.max(dim=1).values

@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from milkit.errors import ModelError
 from milkit.models.base import MILModel, MILOutput, check_bag_input
 from milkit.models.clam import CLAM_RECIPE
 from milkit.models.layers.attention_pool import AttentionPool
@@ -85,6 +86,8 @@ class MambaMIL(MILModel):
             100k-tile bag then fits in a few GB on CPU.
     """
 
+    model_name = "mambamil"
+
     permutation_invariant = False
     mil_respecting = False
     supports_padding = True
@@ -115,13 +118,13 @@ class MambaMIL(MILModel):
     ) -> None:
         super().__init__()
         if mixer not in _MIXERS:
-            raise ValueError(f"MambaMIL: mixer must be one of {sorted(_MIXERS)}, got {mixer!r}")
+            raise ModelError("mambamil", f"mixer must be one of {sorted(_MIXERS)}", value=mixer)
         if act not in _ACTS:
-            raise ValueError(f"MambaMIL: act must be one of {sorted(_ACTS)}, got {act!r}")
+            raise ModelError("mambamil", f"act must be one of {sorted(_ACTS)}", value=act)
         if init not in ("official", "mamba-ssm"):
-            raise ValueError(f"MambaMIL: init must be 'official' or 'mamba-ssm', got {init!r}")
+            raise ModelError("mambamil", "init must be 'official' or 'mamba-ssm'", value=init)
         if layers < 1:
-            raise ValueError(f"MambaMIL: layers must be >= 1, got {layers!r}")
+            raise ModelError("mambamil", "layers must be >= 1", value=layers)
         self.in_dim, self.num_classes, self.embed_dim = in_dim, num_classes, dim
         self.mixer_name = mixer
         fc: list[nn.Module] = [nn.Linear(in_dim, dim), _ACTS[act]()]
@@ -168,7 +171,7 @@ class MambaMIL(MILModel):
     def forward(
         self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
     ) -> MILOutput:
-        mask = check_bag_input(x, mask, model="mambamil")
+        mask = check_bag_input(x, mask, model=self.model_name)
         h = apply_per_bag(self.encode, x, mask)  # input dtype: float64 runs stay float64
         pooled = self.pool(h, mask)
         return MILOutput(

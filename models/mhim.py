@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from milkit.errors import ModelError
 from milkit.models.abmil import ABMIL
 from milkit.models.base import MILModel, MILOutput, check_bag_input
 from milkit.models.layers.grn import GlobalRecycleNetwork
@@ -125,24 +126,22 @@ class _MHIM(MILModel):
         init_stu_type: str,
     ) -> None:
         if version not in ("v1", "v2"):
-            raise ValueError(f"{self.model_name}: version must be 'v1' or 'v2', got {version!r}")
+            raise ModelError(self.model_name, "version must be 'v1' or 'v2'", value=version)
         if init_stu_type not in ("fc", "all", "none"):
-            raise ValueError(
-                f"{self.model_name}: init_stu_type must be 'fc', 'all' or 'none', got {init_stu_type!r}"
+            raise ModelError(
+                self.model_name, "init_stu_type must be 'fc', 'all' or 'none'", value=init_stu_type
             )
         if not 0 < mask_ratio_hr <= 1:
-            raise ValueError(
-                f"{self.model_name}: mask_ratio_hr (ρ) must be in (0, 1], got {mask_ratio_hr}"
+            raise ModelError(
+                self.model_name, "mask_ratio_hr (ρ) must be in (0, 1]", value=mask_ratio_hr
             )
         for name, value in (("mask_ratio_h", mask_ratio_h), ("mask_ratio", mask_ratio)):
             if not 0 <= value <= 1:
-                raise ValueError(f"{self.model_name}: {name} must be in [0, 1], got {value}")
+                raise ModelError(self.model_name, f"{name} must be in [0, 1]", value=value)
         if not 0 <= mask_ratio_l <= 1:
-            raise ValueError(
-                f"{self.model_name}: mask_ratio_l must be in [0, 1], got {mask_ratio_l}"
-            )
+            raise ModelError(self.model_name, "mask_ratio_l must be in [0, 1]", value=mask_ratio_l)
         if not 0 <= merge_ratio < 1:
-            raise ValueError(f"{self.model_name}: merge_ratio must be in [0, 1), got {merge_ratio}")
+            raise ModelError(self.model_name, "merge_ratio must be in [0, 1)", value=merge_ratio)
         self.version = version
         self.student = student
         self.teacher = copy.deepcopy(student)
@@ -433,7 +432,7 @@ class MHIMABMIL(_MHIM):
         """``max_c softmax_c(W_c (a_i h_i) + b_0)`` (v2 ``get_pseudo_score``), 0 at padding."""
         head, attention = self.teacher.head, out.attention
         if attention is None:  # pragma: no cover - ABMIL always returns attention
-            raise RuntimeError("mhim-abmil: the teacher returned no attention")
+            raise ModelError(self.model_name, "the teacher returned no attention")
         logits = (attention[..., None] * h) @ head.weight.T + head.bias[0]
         scores = logits.softmax(dim=-1).amax(dim=-1)
         return scores if mask is None else scores * mask

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from milkit.errors import ModelError
 from milkit.models.base import MILModel, MILOutput, check_bag_input
 from milkit.models.registry import register_aggregator
 
@@ -59,6 +60,8 @@ class MiNet(MILModel):
     empty; ``hidden`` and ``dropout`` are parameters so the assumption checks can shrink them.
     """
 
+    model_name = "mi-net"
+
     permutation_invariant = True
     mil_respecting = True
     supports_padding = True
@@ -89,7 +92,7 @@ class MiNet(MILModel):
     def forward(
         self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
     ) -> MILOutput:
-        mask = check_bag_input(x, mask, model="mi-net")
+        mask = check_bag_input(x, mask, model=self.model_name)
         scores = self.head(self.instance_net(x))  # (B, N, 1 | C)
         pooled, _ = _masked_max(scores, mask)  # (B, 1 | C)
         if self.num_classes == 2:
@@ -139,6 +142,8 @@ class ThresholdMIL(MILModel):
     ``embedding``: z (B, K). ``attention``: None.
     """
 
+    model_name = "threshold-mil"
+
     permutation_invariant = True
     mil_respecting = True
     supports_padding = True
@@ -155,10 +160,10 @@ class ThresholdMIL(MILModel):
     ) -> None:
         super().__init__()
         if num_concepts < 1:
-            raise ValueError(f"threshold-mil: num_concepts must be >= 1, got {num_concepts}")
+            raise ModelError("threshold-mil", "num_concepts must be >= 1", value=num_concepts)
         if detector not in ("softmax", "sigmoid"):
-            raise ValueError(
-                f"threshold-mil: detector must be 'softmax' or 'sigmoid', got {detector!r}"
+            raise ModelError(
+                "threshold-mil", "detector must be 'softmax' or 'sigmoid'", value=detector
             )
         self.in_dim, self.num_classes = in_dim, num_classes
         self.num_concepts, self.detector = int(num_concepts), detector
@@ -196,7 +201,7 @@ class ThresholdMIL(MILModel):
     def forward(
         self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
     ) -> MILOutput:
-        mask = check_bag_input(x, mask, model="threshold-mil")
+        mask = check_bag_input(x, mask, model=self.model_name)
         logp = self.concept_log_probs(x)  # (B, N, K)
         z, _ = _masked_max(logp, mask)  # (B, K)
         scores = self.combine(z)  # (B, 1 | C)

@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from milkit.errors import ModelError
 from milkit.models.base import MILModel, MILOutput, check_bag_input
 from milkit.models.layers.attention_pool import AttentionPool
 from milkit.models.layers.ragged import apply_per_bag
@@ -81,17 +82,18 @@ class R2TEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if n_layers < 1:
-            raise ValueError(f"R2TEncoder: n_layers must be >= 1, got {n_layers!r}")
+            raise ModelError("r2t-abmil", "n_layers must be >= 1", value=n_layers)
         if region_num != "auto" and (not isinstance(region_num, int) or region_num < 1):
-            raise ValueError(f"R2TEncoder: region_num must be >= 1 or 'auto', got {region_num!r}")
+            raise ModelError("r2t-abmil", "region_num must be >= 1 or 'auto'", value=region_num)
         if crmsa_region_num == "same":
             crmsa_region_num = region_num
         if crmsa_region_num != "auto" and (
             not isinstance(crmsa_region_num, int) or crmsa_region_num < 1
         ):
-            raise ValueError(
-                "R2TEncoder: crmsa_region_num must be >= 1, 'auto' or 'same', "
-                f"got {crmsa_region_num!r}"
+            raise ModelError(
+                "r2t-abmil",
+                "crmsa_region_num must be >= 1, 'auto' or 'same'",
+                value=crmsa_region_num,
             )
         self.crmsa_region_num = crmsa_region_num
         self.dim, self.all_shortcut = dim, all_shortcut
@@ -197,6 +199,8 @@ class R2TMIL(MILModel):
             see ``R2TEncoder`` (official defaults 2, 8, 8, 15, 3, 8, False, False).
     """
 
+    model_name = "r2t-abmil"
+
     permutation_invariant = False
     mil_respecting = False
     supports_padding = True
@@ -232,9 +236,9 @@ class R2TMIL(MILModel):
     ) -> None:
         super().__init__()
         if da_act not in ("tanh", "relu", "gelu"):
-            raise ValueError(f"R2TMIL: da_act must be 'tanh', 'relu' or 'gelu', got {da_act!r}")
+            raise ModelError("r2t-abmil", "da_act must be 'tanh', 'relu' or 'gelu'", value=da_act)
         if act not in _ACTS:
-            raise ValueError(f"R2TMIL: act must be one of {sorted(_ACTS)}, got {act!r}")
+            raise ModelError("r2t-abmil", f"act must be one of {sorted(_ACTS)}", value=act)
         self.in_dim, self.num_classes, self.embed_dim = in_dim, num_classes, dim
         self.fc = nn.Sequential(nn.Linear(in_dim, dim), _ACTS[act]())
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -258,7 +262,7 @@ class R2TMIL(MILModel):
     def forward(
         self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
     ) -> MILOutput:
-        mask = check_bag_input(x, mask, model="r2t-abmil")
+        mask = check_bag_input(x, mask, model=self.model_name)
         h = self.drop(self.fc(x))
         h = self.encoder(h, mask)
         pooled = self.pool(h, mask)

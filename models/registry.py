@@ -9,13 +9,13 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from torch import nn
 
-from milkit.errors import UnknownNameError
+from milkit.errors import ModelError, UnknownNameError
 
 T = TypeVar("T", bound=type[nn.Module])
 
@@ -81,27 +81,48 @@ def get_entry(name: str) -> ModelEntry:
     return _REGISTRY[key]
 
 
+def check_overrides(name: str, overrides: Mapping[str, Any] | None = None) -> ModelEntry:
+    """The entry of ``name`` once its override names are known to be accepted (no model built).
+
+    What a command checks before any slow work (reading labels, scanning bags); the values are
+    checked when the model is built.
+
+    Raises:
+        milkit.errors.UnknownNameError: unknown name (close matches listed).
+        milkit.errors.ModelError: an override the model does not accept (accepted ones listed).
+    """
+    entry = get_entry(name)
+    accepted = accepted_parameters(entry.cls)
+    unknown = sorted(set(overrides or {}) - set(accepted))
+    if unknown:
+        raise ModelError(entry.name, f"unknown parameter(s) {unknown}",
+                         hint=f"accepted parameters: {accepted}")  # fmt: skip
+    return entry
+
+
 def create(name: str, in_dim: int, num_classes: int, **overrides: Any) -> nn.Module:
     """Build a registered aggregator; overrides replace the preset's keyword arguments.
 
     Raises:
         milkit.errors.UnknownNameError: unknown name (a MilkitError and a KeyError; the message
             lists close matches).
-        TypeError: an override the model does not accept (message lists accepted ones).
+        milkit.errors.ModelError: an override the model does not accept (the hint lists the
+            accepted ones), num_classes < 2, or an argument value the model refuses; the
+            message starts with the registered name (a MilkitError, TypeError and ValueError).
     """
-    entry = get_entry(name)
-    accepted = accepted_parameters(entry.cls)
-    unknown = sorted(set(overrides) - set(accepted))
-    if unknown:
-        raise TypeError(
-            f"{entry.name}: unknown parameter(s) {unknown}; accepted parameters: {accepted}"
-        )
+    entry = check_overrides(name, overrides)
     if int(num_classes) < 2:
-        raise ValueError(
-            f"{entry.name}: num_classes must be >= 2 (binary tasks use 2), got {num_classes}"
-        )
+        raise ModelError(entry.name, "num_classes must be >= 2 (binary tasks use 2)",
+                         value=num_classes)  # fmt: skip
     kwargs = {**entry.preset, **overrides}
-    return entry.cls(int(in_dim), int(num_classes), **kwargs)
+    try:
+        model = entry.cls(int(in_dim), int(num_classes), **kwargs)
+    except ModelError as err:  # said under the name the user asked for (abmil-gated, not abmil)
+        if err.model == entry.name:
+            raise
+        raise err.renamed(entry.name) from None
+    model.model_name = entry.name  # forward-time errors name it too
+    return model
 
 
 def list_models(pattern: str | None = None) -> list[str]:

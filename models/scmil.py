@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from milkit.errors import MilkitError
+from milkit.errors import ModelError
 from milkit.models.base import MILOutput, WrappedMIL
 from milkit.models.layers.supcon import ProjectionHead, supcon_loss
 from milkit.models.registry import create, normalise_name, register_aggregator
@@ -29,8 +29,8 @@ def scmil_beta(progress: float, schedule: str = "parabolic", switch_at: float = 
         return 1.0 - t
     if schedule == "step":
         return 1.0 if t < switch_at else 0.0
-    raise MilkitError(
-        "scmil: unknown schedule", value=schedule, hint=f"choose one of {list(SCHEDULES)}"
+    raise ModelError(
+        "scmil", "unknown schedule", value=schedule, hint=f"choose one of {list(SCHEDULES)}"
     )
 
 
@@ -104,24 +104,26 @@ class SCMIL(WrappedMIL):
         switch_at: float = 0.5,  # our choice, only for schedule="step"
     ) -> None:
         if schedule not in SCHEDULES:
-            raise MilkitError(
-                "scmil: unknown schedule", value=schedule, hint=f"choose one of {list(SCHEDULES)}"
+            raise ModelError(
+                "scmil", "unknown schedule", value=schedule, hint=f"choose one of {list(SCHEDULES)}"
             )
         if not temperature > 0:
-            raise MilkitError("scmil: temperature must be > 0", value=temperature)
+            raise ModelError("scmil", "temperature must be > 0", value=temperature)
         if not 0.0 <= switch_at <= 1.0:
-            raise MilkitError("scmil: switch_at must be in [0, 1]", value=switch_at)
+            raise ModelError("scmil", "switch_at must be in [0, 1]", value=switch_at)
         if normalise_name(base).startswith("scmil"):
-            raise MilkitError(
-                "scmil: the base is already an SC-MIL model",
+            raise ModelError(
+                "scmil",
+                "the base is already an SC-MIL model",
                 value=base,
                 hint="give a plain aggregator such as abmil-gated",
             )
         base_model = create(base, in_dim, num_classes, **(base_kwargs or {}))
         embed_dim = getattr(base_model, "embed_dim", None)
         if not isinstance(embed_dim, int) or embed_dim <= 0:
-            raise MilkitError(
-                "scmil: the base model does not declare its embedding size (embed_dim)",
+            raise ModelError(
+                "scmil",
+                "the base model does not declare its embedding size (embed_dim)",
                 value=base,
             )
         super().__init__(base_model, in_dim, num_classes)  # forward: the base's, embedding = b

@@ -9,6 +9,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from milkit.errors import ModelError
 from milkit.models.abmil import init_xavier_
 from milkit.models.base import MILModel, MILOutput, check_bag_input
 from milkit.models.layers.nystrom import NystromAttention
@@ -146,6 +147,8 @@ class TransMIL(MILModel):
     on validation loss.
     """
 
+    model_name = "transmil"
+
     permutation_invariant: ClassVar[bool] = False
     mil_respecting: ClassVar[bool] = False
     supports_padding: ClassVar[bool] = True
@@ -178,12 +181,12 @@ class TransMIL(MILModel):
     ) -> None:
         super().__init__()
         if init not in ("xavier", "default"):
-            raise ValueError(f"TransMIL: init must be 'xavier' or 'default', got {init!r}")
+            raise ModelError("transmil", "init must be 'xavier' or 'default'", value=init)
         if layout not in ("szc", "sattention"):
-            raise ValueError(f"TransMIL: layout must be 'szc' or 'sattention', got {layout!r}")
+            raise ModelError("transmil", "layout must be 'szc' or 'sattention'", value=layout)
         self.layout, self.legacy_nystrom = layout, bool(legacy_nystrom)
         if dim % heads:
-            raise ValueError(f"TransMIL: dim ({dim}) must be divisible by heads ({heads})")
+            raise ModelError("transmil", f"dim ({dim}) must be divisible by heads ({heads})")
         self.in_dim, self.num_classes, self.embed_dim, self.heads = in_dim, num_classes, dim, heads
         layers: list[nn.Module] = [nn.Linear(in_dim, dim), nn.ReLU()]
         if fc_dropout > 0:
@@ -301,5 +304,5 @@ class TransMIL(MILModel):
     def forward(
         self, x: Tensor, mask: Tensor | None = None, coords: Tensor | None = None
     ) -> MILOutput:
-        mask = check_bag_input(x, mask, model="transmil")
+        mask = check_bag_input(x, mask, model=self.model_name)
         return self.forward_embedded(self.fc(x), mask)

@@ -194,18 +194,21 @@ def run_command(args: argparse.Namespace) -> int:
     from milkit.data.splits import load_splits, make_cv_splits
     from milkit.io.bag_folders import bag_folder_for_cli
     from milkit.io.runs import SPLITS_FILE
+    from milkit.models.registry import check_overrides
     from milkit.runtime.distributed import cleanup_distributed, env_world_size
-    from milkit.training.cv import build_model, cross_validate, format_summary
+    from milkit.training.cv import cross_validate, format_summary
 
-    args.bags = bag_folder_for_cli(args.bags, "milkit train")  # TRIDENT/CLAM trees too
     model_kwargs = parse_model_args(args.model_arg)
+    # The model name and its --model-arg names, once, before any slow work (labels, bag scans);
+    # the argument values are checked when cross_validate builds the model, before any fold.
+    args.model = check_overrides(args.model, model_kwargs).name
+    args.bags = bag_folder_for_cli(args.bags, "milkit train")  # TRIDENT/CLAM trees too
     config = config_from_args(args)
     table = load_labels(args.labels, args.bags, label_column=args.label_column,
                         slide_column=args.slide_column, case_column=args.case_column,
                         skip_missing=args.skip_missing,
                         check_bag_specs=not args.allow_encoder_mismatch,
                         check_finite=not args.no_finite_check)  # fmt: skip
-    build_model(args.model, table.in_dim, len(table.class_names), model_kwargs)  # typo check
     splits = None
     if args.splits is not None:
         splits = load_splits(args.splits)

@@ -9,12 +9,14 @@ and must have ``requires_grad == False``.
 from __future__ import annotations
 
 import fnmatch
+import re
 
 import pytest
 import torch
 from torch import nn
 
 from milkit import models
+from milkit.errors import MilkitError, ModelError
 from milkit.models.base import MILModel, MILOutput
 
 IN_DIM, NUM_CLASSES = 32, 3
@@ -189,6 +191,33 @@ def test_permutation_property(name):
 def test_unknown_override_is_rejected(name):
     with pytest.raises(TypeError, match="accepted parameters"):
         models.create(name, IN_DIM, NUM_CLASSES, not_a_parameter=1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_errors_use_the_template_with_the_registered_name(name):
+    # One template in models/: "<the name the user asked for>: <problem>", a MilkitError (the
+    # CLI prints one line) that is still a TypeError/ValueError.
+    with pytest.raises(ModelError, match=rf"^{re.escape(name)}: unknown parameter"):
+        models.create(name, IN_DIM, NUM_CLASSES, not_a_parameter=1)
+    model = build(name).eval()
+    with pytest.raises(ModelError, match=rf"^{re.escape(name)}: x must have shape \(B, N, D\)"):
+        model(torch.zeros(8, IN_DIM))
+    with pytest.raises(ModelError, match=rf"^{re.escape(name)}: empty bag"):
+        model(torch.zeros(1, 0, IN_DIM))
+
+
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [("abmil-gated", {"init": "nope"}), ("mambamil-bimamba", {"act": "nope"}),
+     ("transmil-sattention", {"init": "nope"}), ("clam-mb", {"size": "huge"}),
+     ("scmil-abmil", {"temperature": 0.0}), ("aem-abmil", {"subsampling": 2.0})],
+)  # fmt: skip
+def test_constructor_errors_name_the_registered_variant(name, bad):
+    # The class checks its arguments under its own first name; create() says the variant's.
+    with pytest.raises(ModelError, match=rf"^{re.escape(name)}: ") as info:
+        models.create(name, IN_DIM, NUM_CLASSES, **bad)
+    assert isinstance(info.value, MilkitError) and isinstance(info.value, ValueError)
+    assert str(info.value).count(":") >= 1 and not str(info.value).startswith("MambaMIL")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -105,6 +105,22 @@ def test_help_shows_an_example(cmd, capsys):
     assert "example:" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("model_args", "needle"),
+    [(["--model", "abmill"], "unknown aggregator, got 'abmill'. Did you mean: abmil"),
+     (["--model", "abmil", "--model-arg", "hiden=3"], "abmil: unknown parameter(s) ['hiden']")],
+)  # fmt: skip
+def test_model_name_and_arguments_are_checked_before_labels_and_bags(model_args, needle,
+                                                                     tmp_path, capsys):  # fmt: skip
+    # A typo in --model or --model-arg is reported first, not after reading a large cohort (the
+    # labels file and bags folder here do not even exist).
+    argv = ["train", "--bags", str(tmp_path / "no_bags"), "--labels", str(tmp_path / "no.csv"),
+            "--out", str(tmp_path / "r"), *model_args]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "no.csv" not in err and "no_bags" not in err, err
+
+
 def test_user_errors_are_one_clear_line(trained, tmp_path, capsys):
     _, csv, bags, run = trained
     bad = tmp_path / "labels.csv"
