@@ -84,12 +84,11 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}", file=sys.stderr)
     if args.scores is not None or args.top_k:
         from milkit.evaluation.attention_export import save_top_tiles, write_tile_scores
-        from milkit.evaluation.heatmap import _read_coords
-        from milkit.io.bags import slide_id_from_path
+        from milkit.io.bags import read_bag_coords, slide_id_from_path
 
         sid = slide_id_from_path(args.bag)
         if args.scores is not None:
-            coords, _ = _read_coords(args.bag)
+            coords, _ = read_bag_coords(args.bag)
             write_tile_scores(args.scores, sid, coords, scores,
                               {"kind": "attention", "run": str(args.run), "fold": str(args.fold),
                                "predicted": names[k]})  # fmt: skip

@@ -113,10 +113,10 @@ def run_command(args: argparse.Namespace) -> int:
                         device=args.device, with_attention=args.attention is not None)  # fmt: skip
     if args.attention is not None:
         from milkit.evaluation.attention_export import write_tile_scores
-        from milkit.evaluation.heatmap import _read_coords
+        from milkit.io.bags import read_bag_coords
 
         for sid, path, att in zip(preds.slide_ids, dataset.paths, preds.attention, strict=True):
-            coords, _ = _read_coords(path)
+            coords, _ = read_bag_coords(path)
             write_tile_scores(args.attention / f"{sid}.{args.attention_format}", sid, coords, att,
                               {"kind": "attention", "run": str(args.run), "fold": str(args.fold)})  # fmt: skip
         print(f"wrote per-tile attention of {len(preds.slide_ids)} slide(s) to {args.attention}",

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 
@@ -31,12 +30,11 @@ from milkit.data.label_cells import (
 )
 from milkit.data.provenance import BagSpec, bag_spec, cohort_spec, describe_group, group_specs
 from milkit.errors import MilkitError
-from milkit.io.bags import BagHeader, find_bag, read_bag, read_bag_header
+from milkit.io.bags import BagHeader, features_are_finite, find_bag, read_bag_header
 
 SPLIT_NAMES = ("train", "val", "test")
 _SPLIT_ALIASES = {"validation": "val", "valid": "val", "training": "train", "testing": "test"}
 _SHOW_PER_KIND = 5  # ids listed per problem kind before "... and N more"
-_SCAN_CHUNK_BYTES = 16 * 1024 * 1024  # NaN/inf scan reads ~16 MiB at a time
 # Columns often used for the slide id, suggested when ``slide_id`` is absent.
 _SLIDE_COLUMN_GUESSES = ("slide", "slide_name", "slide_id", "filename", "file", "image", "wsi")
 
@@ -199,26 +197,6 @@ def _read_labels_csv(
     return frame
 
 
-def _scan_finite(path: Path) -> bool:
-    """True when every feature value of the bag is finite; reads ~16 MiB blocks."""
-    if path.suffix == ".pt":
-        return bool(np.isfinite(read_bag(path).features).all())
-    with h5py.File(path, "r") as f:
-        ds = f["features"]
-        n, dim = ds.shape
-        if n == 0:
-            return True
-        rows = max(1, _SCAN_CHUNK_BYTES // max(1, dim * ds.dtype.itemsize))
-        buf = np.empty((min(rows, n), dim), dtype=ds.dtype)
-        for start in range(0, n, rows):
-            stop = min(n, start + rows)
-            view = buf[: stop - start]
-            ds.read_direct(view, np.s_[start:stop])
-            if not np.isfinite(view).all():
-                return False
-    return True
-
-
 def _strip_extensions(frame: pd.DataFrame, bags_dir: Path) -> list[str]:
     """Drop slide-file extensions from ids (``S01.svs`` → ``S01``) unless a bag carries the full
     id; returns the note to show (empty when nothing changed)."""
@@ -373,7 +351,7 @@ def load_labels(
             bag_problems[sid] = (EMPTY_BAG, "")
         elif check_finite:
             try:
-                finite = _scan_finite(path)
+                finite = features_are_finite(path)
             except (OSError, MilkitError) as err:
                 bag_problems[sid] = (UNREADABLE_BAG, str(err))
                 continue

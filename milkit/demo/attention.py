@@ -194,17 +194,13 @@ def tumour_heatmap(
     from milkit.evaluation.heatmap import draw_heatmap
     from milkit.feature_extraction.slides import Slide
     from milkit.feature_extraction.synthetic import load_synthetic_masks
-    from milkit.io.bags import read_bag_header
+    from milkit.io.bags import read_bag_coords
 
-    header = read_bag_header(bag_path)
-    import h5py
-
-    with h5py.File(bag_path, "r") as f:
-        coords = np.asarray(f["coords"][()], dtype=np.int64)
+    coords, coords_attrs = read_bag_coords(bag_path)
     with Slide(slide_path) as slide:
         thumb = slide.thumbnail(thumbnail_size)
         dims = tuple(int(v) for v in slide.dimensions)
-    ps = float(header.coords_attrs["patch_size_level0"])
+    ps = float(coords_attrs["patch_size_level0"])
     # log scale on a fixed range: a trained model's attention spans many orders of magnitude
     # (min-max scaling shows only the single top tile; rank scaling paints the background in
     # every colour), and a fixed range keeps colours comparable between slides

@@ -127,15 +127,14 @@ def save_top_tiles(
     """
     from PIL import Image
 
-    from milkit.evaluation.heatmap import _patch_size_level0
     from milkit.feature_extraction.slides import Slide
-    from milkit.io.bags import read_bag
+    from milkit.io.bags import bag_patch_size_level0, read_bag
 
     bag = read_bag(bag_path)
     if bag.coords is None:
         raise MilkitError("bag has no coords, so its tiles cannot be located", path=bag_path)
     coords, scores = _checked(bag.coords, scores, bag_path)
-    ps0 = _patch_size_level0(bag.coords_attrs, coords, bag_path)
+    ps0 = bag_patch_size_level0(bag.coords_attrs, coords, bag_path)
     order = np.argsort(-scores, kind="stable")[:k]
     out_dir.mkdir(parents=True, exist_ok=True)
     out = []

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from milkit.errors import MilkitError
+from milkit.io.bags import bag_patch_size_level0, positive_attr, read_bag_coords
 from milkit.io.figures import font_px, new_figure, points, save_figure
 
 NORMALIZE = ("minmax", "rank", "none")
@@ -268,51 +269,6 @@ def heatmap_figure(
     return fig
 
 
-def _read_coords(bag_path: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    import h5py
-
-    from milkit.io.bags import read_bag_header
-
-    header = read_bag_header(bag_path)
-    if not header.has_coords:
-        raise MilkitError(
-            "bag has no tile coordinates, so nothing can be drawn on the slide",
-            path=bag_path,
-            hint="Heatmaps need an HDF5 bag with a 'coords' dataset",
-        )
-    with h5py.File(bag_path, "r") as f:
-        coords = np.asarray(f["coords"][()], dtype=np.int64)
-    return coords, dict(header.coords_attrs)
-
-
-def _patch_size_level0(attrs: dict[str, Any], coords: np.ndarray, bag_path: Path) -> float:
-    if _positive(attrs.get("patch_size_level0")):
-        return float(attrs["patch_size_level0"])
-    # CLAM: patch_size at patch_level with the level's downsample
-    if _positive(attrs.get("patch_size")) and _positive(attrs.get("downsample")):
-        ds = np.asarray(attrs["downsample"], dtype=np.float64).ravel()
-        return float(attrs["patch_size"]) * float(ds[0])
-    # last resort: the grid step between neighbouring tiles
-    steps = [np.diff(np.unique(coords[:, k])) for k in (0, 1)] if len(coords) > 1 else []
-    steps = [s[s > 0] for s in steps]
-    positive = [int(s.min()) for s in steps if len(s)]
-    if positive:
-        return float(min(positive))
-    raise MilkitError(
-        "cannot tell the tile size of the bag (no patch_size_level0 attribute)",
-        path=bag_path,
-        hint="Pass patch_size_level0=... explicitly",
-    )
-
-
-def _positive(value: Any) -> bool:
-    try:
-        arr = np.asarray(value, dtype=np.float64).ravel()
-    except (TypeError, ValueError):
-        return False
-    return arr.size > 0 and bool(np.isfinite(arr[0])) and arr[0] > 0
-
-
 def _recorded(value: Any) -> str | None:
     """An attribute as text, None when absent or spelled as missing ("None", "", NaN)."""
     if value is None:
@@ -375,8 +331,8 @@ def check_slide_matches_bag(
                 "slide (no override exists for a different size)",
             )
     elif header.has_coords and header.num_instances:
-        coords, attrs = _read_coords(bag_path)
-        ps = patch_size_level0 or _patch_size_level0(attrs, coords, bag_path)
+        coords, attrs = read_bag_coords(bag_path)
+        ps = patch_size_level0 or bag_patch_size_level0(attrs, coords, bag_path)
         ext_x, ext_y = int(coords[:, 0].max() + ps), int(coords[:, 1].max() + ps)
         if ext_x > w0 or ext_y > h0:
             raise MilkitError(
@@ -439,11 +395,11 @@ def heatmap_for_slide(
     ``level0_width``/``level0_height`` attributes (or the tile extent).
     """
     bag_path = Path(bag_path)
-    coords, attrs = _read_coords(bag_path)
+    coords, attrs = read_bag_coords(bag_path)
     ps = (
         float(patch_size_level0)
         if patch_size_level0
-        else _patch_size_level0(attrs, coords, bag_path)
+        else bag_patch_size_level0(attrs, coords, bag_path)
     )
     if slide_path is not None:
         from milkit.feature_extraction.slides import Slide
@@ -464,7 +420,7 @@ def heatmap_for_slide(
                     warnings.warn(note, stacklevel=2)
             thumb = slide.thumbnail(thumbnail_size)
     else:
-        if _positive(attrs.get("level0_width")) and _positive(attrs.get("level0_height")):
+        if positive_attr(attrs.get("level0_width")) and positive_attr(attrs.get("level0_height")):
             dims = (int(attrs["level0_width"]), int(attrs["level0_height"]))
         elif len(coords):
             dims = (int(coords[:, 0].max() + ps), int(coords[:, 1].max() + ps))

@@ -43,7 +43,7 @@ from milkit.data.splits import (  # noqa: F401  (CLAM split files are read and w
 )
 from milkit.errors import MilkitError
 from milkit.io.atomic import atomic_path
-from milkit.io.bags import _to_attr, list_bags, read_bag, read_bag_header
+from milkit.io.bags import list_bags, read_bag, read_bag_coords, read_bag_header, to_attr
 
 EXPORT_TARGETS = ("clam", "trident")
 # coords attributes TRIDENT's readers need to rebuild the patcher (WSI.extract_features,
@@ -109,17 +109,9 @@ def _write_h5(
         fds = f.create_dataset("features", data=features)
         cds = f.create_dataset("coords", data=coords.astype(np.int64, copy=False))
         for key, value in features_attrs.items():
-            fds.attrs[key] = _to_attr(value)
+            fds.attrs[key] = to_attr(value)
         for key, value in coords_attrs.items():
-            cds.attrs[key] = _to_attr(value)
-
-
-def _h5_layout(path: Path) -> tuple[str | None, bool]:
-    """``(features dtype, has coords)`` of an HDF5 bag, or ``(None, False)`` for other files."""
-    if path.suffix not in (".h5", ".hdf5"):
-        return None, False
-    with h5py.File(path, "r") as f:
-        return str(f["features"].dtype), "coords" in f
+            cds.attrs[key] = to_attr(value)
 
 
 # ---------------------------------------------------------------------------------- CLAM
@@ -142,8 +134,7 @@ def _export_clam_slide(
         )
         return
     h5 = out / "h5_files" / f"{slide_id}.h5"
-    dtype, _ = _h5_layout(src)
-    if dtype == "float32":
+    if bag.features.dtype == np.float32:  # read_bag keeps the stored dtype
         result._add(_link_or_copy(src, h5, copy=copy), slide_id, h5)
     else:  # a float16 bag: CLAM's h5 mode feeds the array to float32 layers as it is
         _write_h5(h5, feats32, bag.coords, bag.features_attrs, bag.coords_attrs)
@@ -198,11 +189,10 @@ def _export_trident_slide(
     }
     patches = tiling / "patches" / f"{slide_id}_patches.h5"
     with atomic_path(patches) as tmp, h5py.File(tmp, "w") as f:
-        with h5py.File(src, "r") as bag_file:
-            coords = bag_file["coords"][:].astype(np.int64, copy=False)
+        coords, _ = read_bag_coords(src)
         cds = f.create_dataset("coords", data=coords)
         for key, value in coords_attrs.items():
-            cds.attrs[key] = _to_attr(value)
+            cds.attrs[key] = to_attr(value)
     result._add("written", slide_id, patches)
     # The bag already is a TRIDENT feature file (datasets and the attributes its readers use);
     # features keep their dtype, as TRIDENT's own float16 extractions do.

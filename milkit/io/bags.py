@@ -26,7 +26,7 @@ COORDS_FRAME = "level0_px_top_left"
 _CHUNK_BYTES = 2 * 1024 * 1024  # ~2 MiB row blocks: fast sequential reads, cheap slicing
 
 
-def _to_attr(value: Any) -> Any:
+def to_attr(value: Any) -> Any:
     """Convert a Python value into something HDF5 stores and CLAM/TRIDENT can read back."""
     if value is None:
         return "None"  # TRIDENT's convention for missing values
@@ -189,10 +189,10 @@ def write_bag(
         )
         cattrs = {"coords_frame": COORDS_FRAME, **dict(coords_attrs or {})}
         for key, value in cattrs.items():
-            crd.attrs[key] = _to_attr(value)
+            crd.attrs[key] = to_attr(value)
         fattrs = {"embed_dim": dim, "precision": dtype.name, **dict(features_attrs or {})}
         for key, value in fattrs.items():
-            feats.attrs[key] = _to_attr(value)
+            feats.attrs[key] = to_attr(value)
         rattrs = {
             "milkit_format": FORMAT_VERSION,
             "created_by": f"milkit {__version__}",
@@ -200,7 +200,7 @@ def write_bag(
             **dict(root_attrs or {}),
         }
         for key, value in rattrs.items():
-            f.attrs[key] = _to_attr(value)
+            f.attrs[key] = to_attr(value)
     return path
 
 
@@ -507,6 +507,92 @@ def read_bag_arrays(
         _check_h5_layout(f, path)
         features = _read_features(path, f["features"], as_float32=True)
         return features, (_read_coords(f) if load_coords else None)
+
+
+def read_bag_coords(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Level-0 tile coords (N, 2) int64 and the ``coords`` attributes of an HDF5 bag, without its
+    features (heatmaps, tile exports).
+
+    Raises:
+        MilkitError: unreadable bag, or a bag without a ``coords`` dataset (``.pt`` bags have
+            none).
+    """
+    header = read_bag_header(path)
+    if not header.has_coords:
+        raise MilkitError(
+            "bag has no tile coordinates, so nothing can be placed on the slide",
+            path=path,
+            hint="Heatmaps and tile exports need an HDF5 bag with a 'coords' dataset",
+        )
+    with _open_h5(Path(path)) as f:
+        return _read_coords(f), dict(header.coords_attrs)  # type: ignore[return-value]
+
+
+def positive_attr(value: Any) -> bool:
+    """True when an attribute holds a finite number > 0 (first element of an array)."""
+    try:
+        arr = np.asarray(value, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        return False
+    return arr.size > 0 and bool(np.isfinite(arr[0])) and arr[0] > 0
+
+
+def bag_patch_size_level0(
+    coords_attrs: Mapping[str, Any], coords: np.ndarray, path: str | os.PathLike[str]
+) -> float:
+    """Tile side in level-0 pixels: milkit/TRIDENT ``patch_size_level0``, else CLAM's
+    ``patch_size`` × the patch level's ``downsample``, else the grid step between neighbouring
+    tiles of ``coords`` (N, 2).
+
+    Raises:
+        MilkitError: none of these can tell (names the bag ``path``).
+    """
+    if positive_attr(coords_attrs.get("patch_size_level0")):
+        return float(coords_attrs["patch_size_level0"])
+    if positive_attr(coords_attrs.get("patch_size")) and positive_attr(
+        coords_attrs.get("downsample")
+    ):
+        ds = np.asarray(coords_attrs["downsample"], dtype=np.float64).ravel()
+        return float(coords_attrs["patch_size"]) * float(ds[0])
+    steps = [np.diff(np.unique(coords[:, k])) for k in (0, 1)] if len(coords) > 1 else []
+    positive = [int(s[s > 0].min()) for s in steps if (s > 0).any()]
+    if positive:
+        return float(min(positive))
+    raise MilkitError(
+        "cannot tell the tile size of the bag (no patch_size_level0 attribute)",
+        path=path,
+        hint="Pass patch_size_level0=... explicitly",
+    )
+
+
+_SCAN_CHUNK_BYTES = 16 * 1024 * 1024  # the NaN/inf scan reads ~16 MiB at a time
+
+
+def features_are_finite(path: str | os.PathLike[str]) -> bool:
+    """True when every feature value of the bag is finite; HDF5 bags are scanned in ~16 MiB
+    blocks, so a large bag is checked without holding it in memory.
+
+    Raises:
+        MilkitError: missing, partial or unreadable bag.
+    """
+    path = Path(path)
+    if path.suffix == ".pt" or path.name.endswith(PARTIAL_SUFFIX):
+        return bool(np.isfinite(read_bag(path).features).all())
+    with _open_h5(path) as f:
+        _check_h5_layout(f, path)
+        ds = f["features"]
+        n, dim = ds.shape
+        if n == 0:
+            return True
+        rows = max(1, _SCAN_CHUNK_BYTES // max(1, dim * ds.dtype.itemsize))
+        buf = np.empty((min(rows, n), dim), dtype=ds.dtype)
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            view = buf[: stop - start]
+            ds.read_direct(view, np.s_[start:stop])
+            if not np.isfinite(view).all():
+                return False
+    return True
 
 
 def is_complete_bag(path: str | os.PathLike[str]) -> bool:

@@ -103,3 +103,34 @@ def test_coords_only_file_gets_a_clear_error(tmp_path):
         f["coords"] = np.zeros((2, 2), np.int64)
     with pytest.raises(MilkitError, match="no 'features' dataset"):
         read_bag(tmp_path / "patches.h5")
+
+
+# ------------------------------------------------------------------ coords and tile size
+def test_bag_patch_size_level0_reads_milkit_then_clam_attrs_then_the_grid(tmp_path):
+    from milkit.io.bags import bag_patch_size_level0
+
+    coords = np.array([[0, 0], [512, 0], [0, 1024]])
+    assert bag_patch_size_level0({"patch_size_level0": 448}, coords, tmp_path) == 448.0
+    clam = {"patch_size": 256, "downsample": [4.0, 4.0]}  # CLAM: size at patch_level
+    assert bag_patch_size_level0(clam, coords, tmp_path) == 1024.0
+    assert bag_patch_size_level0({"patch_size_level0": "None"}, coords, tmp_path) == 512.0
+    with pytest.raises(MilkitError, match="cannot tell the tile size") as info:
+        bag_patch_size_level0({}, coords[:1], tmp_path / "one.h5")
+    assert "one.h5" in str(info.value)
+
+
+def test_read_bag_coords_and_the_finite_scan(tmp_path):
+    from milkit.io.bags import features_are_finite, read_bag_coords
+
+    feats = np.ones((3, 4), dtype=np.float32)
+    coords = np.array([[0, 0], [256, 0], [0, 256]])
+    path = write_bag(tmp_path / "s.h5", feats, coords, coords_attrs={"patch_size_level0": 256})
+    got, attrs = read_bag_coords(path)
+    assert got.dtype == np.int64 and got.tolist() == coords.tolist()
+    assert attrs["patch_size_level0"] == 256
+    assert features_are_finite(path)
+    feats[1, 2] = np.nan
+    assert not features_are_finite(write_bag(tmp_path / "n.h5", feats, coords))
+    torch.save(torch.ones(2, 4), tmp_path / "p.pt")
+    with pytest.raises(MilkitError, match="no tile coordinates"):
+        read_bag_coords(tmp_path / "p.pt")
