@@ -51,9 +51,20 @@ def result_rows(results: Sequence[TestResult]) -> list[dict[str, Any]]:
     ]
 
 
+def test_auc_sd(r: TestResult) -> float:
+    """Sample standard deviation (ddof 1) of the per-seed test AUCs; NaN with fewer than two."""
+    values = [s.test_auc for s in r.seeds if s.test_auc is not None and math.isfinite(s.test_auc)]
+    if len(values) < 2:
+        return math.nan
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
 def _cell(r: TestResult) -> str:
+    sd = test_auc_sd(r)
+    spread = "" if not math.isfinite(sd) else f" ± {_fmt(sd)}"
     return (
-        f"{_fmt(r.train_auc)} / {_fmt(r.test_auc)} "
+        f"{_fmt(r.train_auc)} / {_fmt(r.test_auc)}{spread} "
         f"[{_fmt(r.ci_low)}, {_fmt(r.ci_high)}] {r.verdict}"
     )
 
@@ -81,7 +92,9 @@ def markdown_table(results: Sequence[TestResult]) -> str:
         row += [_cell(cells[(m, t)]) if (m, t) in cells else "" for t in tests]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
-    lines.append("Cells: mean train AUC / mean test AUC [bootstrap 95% CI] verdict, over seeds.")
+    lines.append(
+        "Cells: mean train AUC / mean test AUC ± sd over seeds [bootstrap 95% CI] verdict."
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -92,3 +92,22 @@ def test_png_is_written(tmp_path):
     plot_results(_cohort(2), out)
     with Image.open(out) as im:
         assert im.width >= 700 and im.height >= 550
+
+
+def test_report_json_round_trips_and_the_table_gives_the_sd_over_seeds(tmp_path):
+    import json
+
+    from milkit.assumptions.report import markdown_table, save_report, test_auc_sd
+    from milkit.assumptions.runner import SeedResult
+
+    seeds = [SeedResult(k, 1.0, auc, 40 - k, 2.0) for k, auc in enumerate((0.1, 0.3, 0.5))]
+    result = TestResult(
+        "abmil", "t1", FAIL, 1.0, 0.3, 0.25, 0.35, False, {"fc_dim": 64}, seeds, 6.0
+    )
+    save_report([result], tmp_path, plot=False)
+    back = TestResult.from_dict(json.loads((tmp_path / "report.json").read_text())["results"][0])
+    assert back.to_dict() == result.to_dict()
+    assert test_auc_sd(back) == pytest.approx(0.2)  # sample sd of 0.1, 0.3, 0.5
+    assert "1.000 / 0.300 ± 0.200 [0.250, 0.350] FAIL" in markdown_table([back])
+    one_seed = TestResult("abmil", "t1", FAIL, 1.0, 0.3, 0.25, 0.35, False, {}, seeds[:1], 2.0)
+    assert "±" not in markdown_table([one_seed]).split("\n")[2]
