@@ -85,7 +85,7 @@ def main() -> None:
 
     from milkit.feature_extraction.encoders import create_encoder
     from milkit.feature_extraction.encoders.resnet import build_resnet50_backbone
-    from milkit.feature_extraction.extract import encode_grid
+    from milkit.feature_extraction.encode import encode_grid
     from milkit.feature_extraction.slides import Slide
     from milkit.feature_extraction.tiling import plan_tiles
     from milkit.feature_extraction.tissue import segment_tissue

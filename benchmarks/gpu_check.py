@@ -123,10 +123,10 @@ class _BusySampler:
 def extraction(device: str, slide_px: int, workers: int, batch_size: int) -> dict[str, Any]:
     import torch
 
+    from milkit.feature_extraction.encode import encode_grid
     from milkit.feature_extraction.encoders import create_encoder
     from milkit.feature_extraction.encoders.resnet import build_resnet50_backbone
     from milkit.feature_extraction.encoders.vit import build_timm_vit
-    from milkit.feature_extraction.extract import encode_grid
     from milkit.feature_extraction.slides import Slide
     from milkit.feature_extraction.synthetic import make_synthetic_slide
     from milkit.feature_extraction.tiling import TileSpec, plan_tiles

@@ -3,7 +3,9 @@
 Per slide: open → segment tissue → plan tiles → encode tiles → write ``<slide_id>.h5`` → QC PNG.
 Tiles are read by DataLoader workers, each with its own slide handle (opened in
 ``worker_init_fn``: OpenSlide handles must not cross processes); encoding runs batched under
-``torch.inference_mode`` with autocast and channels_last, features are stored as float32.
+``torch.inference_mode`` with autocast and channels_last, features are stored as float32
+(:mod:`milkit.feature_extraction.encode`). Slide discovery, shards, the manifest and the run
+summary are :mod:`milkit.feature_extraction.batch`; the per-slide lock is ``milkit.io.atomic``.
 
 Batch rules: a failing slide is recorded in ``manifest.csv`` and the run goes on; a tile that
 cannot be decoded is counted and dropped from the bag (all of them unreadable: the slide fails).
@@ -25,64 +27,35 @@ skips a finished slide leaves its row as it is (the run summary counts it as ski
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
-import io
 import json
 import os
-import socket
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from milkit.errors import MilkitError
+from milkit.feature_extraction.batch import (
+    RunSummary,
+    SlideResult,
+    discover_slides,
+    effective_shard,
+    read_manifest,
+    select_shard,
+    slide_id_of,
+    update_manifest,
+)
+from milkit.feature_extraction.encode import encode_grid
 from milkit.feature_extraction.recipe import (
     bag_recipe,
     build_recipe,
     format_differences,
     recipe_differences,
 )
-from milkit.io.atomic import atomic_write_text
+from milkit.io.atomic import acquire_lock, release_lock
 
-SLIDE_EXTENSIONS = (
-    ".svs",
-    ".ndpi",
-    ".mrxs",
-    ".scn",
-    ".tif",
-    ".tiff",
-    ".dcm",
-    ".bif",
-    ".vms",
-    ".svslide",
-)
-MANIFEST_NAME = "manifest.csv"
-MANIFEST_FIELDS = (
-    "slide_id",
-    "status",
-    "n_tiles",
-    "n_bad_tiles",
-    "embed_dim",
-    "encoder",
-    "mpp",
-    "target_mpp",
-    "read_level",
-    "seg_s",
-    "tiling_s",
-    "read_s",
-    "encode_s",
-    "total_s",
-    "bag_path",
-    "slide_path",
-    "error",
-    "reason",
-    "recipe",
-)
 HASH_LIMIT_BYTES = 512 * 1024 * 1024  # hash slides up to 512 MiB; bigger ones get size+mtime
 
 
@@ -190,455 +163,6 @@ class ExtractConfig:
 
             self.pen_ink = parse_pen_ink(self.pen_ink)
         self.tissue()
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"2/4"`` → ``(2, 4)``."""
-    try:
-        i_text, n_text = text.split("/")
-        i, n = int(i_text), int(n_text)
-    except ValueError as err:
-        raise MilkitError("shard must look like i/n, e.g. 1/4", value=text) from err
-    if not (n >= 1 and 1 <= i <= n):
-        raise MilkitError("shard must be i/n with 1 ≤ i ≤ n", value=text)
-    return i, n
-
-
-def effective_shard(shard: tuple[int, int] | None, env: dict[str, str] | None = None) -> tuple:
-    """(0-based index, count) combining ``--shard i/n`` with torchrun's RANK / WORLD_SIZE.
-
-    With both, shard i of n is split further across the W ranks: index (i-1)·W + rank of n·W.
-    """
-    env = dict(os.environ) if env is None else env
-    world = int(env.get("WORLD_SIZE", "1") or 1)
-    rank = int(env.get("RANK", "0") or 0)
-    i, n = shard if shard is not None else (1, 1)
-    return (i - 1) * world + rank, n * world
-
-
-# ---------------------------------------------------------------------------- discovery
-
-
-def slide_id_of(path: Path) -> str:
-    """The slide id used for the bag name: the file stem, or the name of a DICOM series folder.
-
-    :func:`discover_slides` returns a folder only when it holds exactly one DICOM series and no
-    other slide; in any other folder a series is returned as its first ``.dcm`` file (sorted by
-    name), so its id is that file's stem: stable and unique within the folder.
-    """
-    if path.is_dir():
-        return path.name
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def discover_slides(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Slides among ``paths``: files as given, folders searched recursively by extension.
-
-    Inside a searched folder, DICOM files count once per series (a DICOM WSI is one series of
-    ``.dcm`` instances, grouped by SeriesInstanceUID): a folder that is exactly one series and
-    holds no other slide is the slide (named after the folder); otherwise each series is given
-    by its first file (see :func:`slide_id_of`). Raises if nothing is found.
-    """
-    from milkit.feature_extraction.slides import dicom_series
-
-    found: list[Path] = []
-    seen: set[Path] = set()
-
-    def add(p: Path) -> None:
-        key = p.resolve()
-        if key not in seen:
-            seen.add(key)
-            found.append(p)
-
-    given = list(paths)
-    for raw in given:
-        p = Path(raw)
-        if p.is_file():
-            add(p)
-        elif p.is_dir():
-            files = [
-                f
-                for f in sorted(p.rglob("*"))
-                if f.is_file() and f.suffix.lower() in SLIDE_EXTENSIONS
-            ]
-            dicom_dirs = sorted({f.parent for f in files if f.suffix.lower() == ".dcm"})
-            series = {d: dicom_series(d) for d in dicom_dirs}
-            others = {f.parent for f in files if f.suffix.lower() != ".dcm"}
-            for f in files:
-                if f.suffix.lower() != ".dcm":
-                    add(f)
-                    continue
-                groups = series[f.parent]
-                if len(groups) == 1 and f.parent not in others:
-                    add(f.parent)  # the folder is the slide
-                elif any(files_[0] == f for files_ in groups.values()):
-                    add(f)  # first file of its series
-        else:
-            raise MilkitError("slide path not found", path=p, hint="Check the path")
-    if not found:
-        raise MilkitError(
-            "no slides found",
-            value=[str(g) for g in given],
-            hint=f"Give slide files or folders holding {', '.join(SLIDE_EXTENSIONS)} files",
-        )
-    return found
-
-
-def select_shard(slides: Sequence[Path], index: int, count: int) -> list[Path]:
-    """Deterministic split: slides sorted by (id, path), every ``count``-th from ``index``."""
-    ordered = sorted(slides, key=lambda p: (slide_id_of(p), str(p)))
-    return ordered[index::count]
-
-
-# ---------------------------------------------------------------------------- locks
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def acquire_lock(path: Path) -> bool:
-    """Create ``path`` with O_CREAT|O_EXCL holding pid/host/time; clear a dead pid's lock.
-
-    Returns False while another live process holds it (or a process on another host).
-    """
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if not _clear_if_stale(path):
-                return False
-            continue
-        with os.fdopen(fd, "w") as fh:
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
-            fh.write(json.dumps(info))
-        return True
-    return False
-
-
-def read_lock(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _clear_if_stale(path: Path) -> bool:
-    info = read_lock(path)
-    if info is None:
-        # Being written right now, or garbage: garbage older than a minute is stale.
-        try:
-            if time.time() - path.stat().st_mtime < 60:
-                return False
-        except FileNotFoundError:
-            return True
-    elif info.get("host") != socket.gethostname() or _pid_alive(int(info.get("pid", -1))):
-        return False
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    return True
-
-
-def release_lock(path: Path) -> None:
-    info = read_lock(path)
-    if info is not None and info.get("pid") == os.getpid():
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-@contextlib.contextmanager
-def _waiting_lock(path: Path, timeout: float = 60.0) -> Iterator[None]:
-    deadline = time.monotonic() + timeout
-    while not acquire_lock(path):
-        if time.monotonic() > deadline:
-            raise MilkitError(
-                "timed out waiting for a lock",
-                path=path,
-                hint="Another preprocess run holds it; delete the file if no run is active",
-            )
-        time.sleep(0.05)
-    try:
-        yield
-    finally:
-        release_lock(path)
-
-
-# ---------------------------------------------------------------------------- manifest
-
-
-def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, dict[str, str]]:
-    """Rows of ``out_dir/manifest.csv`` by slide id (empty if there is none)."""
-    path = Path(out_dir) / MANIFEST_NAME
-    if not path.is_file():
-        return {}
-    with path.open(newline="", encoding="utf-8") as fh:
-        return {row["slide_id"]: row for row in csv.DictReader(fh)}
-
-
-def update_manifest(out_dir: Path, row: dict[str, Any]) -> None:
-    """Insert/replace one slide's row; read-modify-write under a lock, written atomically."""
-    with _waiting_lock(out_dir / (MANIFEST_NAME + ".lock")):
-        rows = read_manifest(out_dir)
-        rows[str(row["slide_id"])] = {k: _fmt(row.get(k)) for k in MANIFEST_FIELDS}
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for key in sorted(rows):
-            writer.writerow(rows[key])
-        atomic_write_text(out_dir / MANIFEST_NAME, buf.getvalue())
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-# ---------------------------------------------------------------------------- results
-
-
-@dataclass
-class SlideResult:
-    """What happened to one slide (one manifest row)."""
-
-    slide_id: str
-    slide_path: str
-    status: str  # ok | empty | skipped | failed
-    n_tiles: int = 0
-    n_bad_tiles: int = 0
-    embed_dim: int | None = None
-    encoder: str | None = None
-    mpp: float | None = None
-    target_mpp: float | None = None
-    read_level: int | None = None
-    seg_s: float = 0.0
-    tiling_s: float = 0.0
-    read_s: float = 0.0
-    encode_s: float = 0.0
-    total_s: float = 0.0
-    bag_path: str = ""
-    error: str = ""
-    reason: str = ""  # why a slide is empty, or what a skipped slide's bag holds
-    recipe: str = ""  # JSON, see milkit.feature_extraction.recipe
-
-
-@dataclass
-class RunSummary:
-    """Outcome of a :func:`preprocess` run."""
-
-    out_dir: Path
-    results: list[SlideResult] = field(default_factory=list)
-    skipped_locked: list[str] = field(default_factory=list)
-
-    def count(self, status: str) -> int:
-        return sum(r.status == status for r in self.results)
-
-    @property
-    def failed(self) -> list[SlideResult]:
-        return [r for r in self.results if r.status == "failed"]
-
-    @property
-    def exit_code(self) -> int:
-        """0 when no slide failed, else 1."""
-        return 1 if self.failed else 0
-
-    def format(self) -> str:
-        """Human summary printed at the end of a run: ok / empty / skipped / failed, with reasons.
-
-        Empty and failed slides are listed one per line; skipped ones are only counted, split by
-        what their bag holds (a resumed cohort of thousands stays readable).
-        """
-        skipped = [r for r in self.results if r.status == "skipped"]
-        skipped_empty = sum(r.n_tiles == 0 for r in skipped)
-        held = (
-            f": {len(skipped) - skipped_empty} ok, {skipped_empty} empty" if skipped_empty else ""
-        )
-        lines = [
-            f"{len(self.results)} slide(s): {self.count('ok')} ok, {self.count('empty')} empty "
-            f"(no tiles), {len(skipped)} skipped (already done with the same settings{held}), "
-            f"{self.count('failed')} failed"
-            + (f", {len(self.skipped_locked)} left to other workers" if self.skipped_locked else "")
-            + f"; manifest: {self.out_dir / MANIFEST_NAME}"
-        ]
-        bad_tiles = sum(r.n_bad_tiles for r in self.results)
-        if bad_tiles:
-            lines.append(f"{bad_tiles} unreadable tile(s) were dropped (see n_bad_tiles)")
-        for r in self.results:
-            if r.status == "empty":
-                lines.append(f"  EMPTY {r.slide_id}: {r.reason}")
-        for r in self.failed:
-            lines.append(f"  FAILED {r.slide_id}: {r.error}")
-        return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------- tile reading
-
-
-class TileDataset:
-    """Map-style dataset over a tile grid; each worker opens its own slide handle.
-
-    ``__getitem__`` returns ``(tile uint8 (P, P, 3), ok)``; an undecodable tile gives a white
-    tile with ``ok = False`` (the handle is reopened by :class:`Slide`) so the batch goes on.
-    """
-
-    def __init__(self, slide_path: Path, mpp: float | None, grid: Any) -> None:
-        self.slide_path = slide_path
-        self.mpp = mpp
-        self.grid = grid
-        self.parent_pid = os.getpid()
-        self._slide: Any = None
-
-    def __len__(self) -> int:
-        return len(self.grid)
-
-    def open(self) -> None:
-        from milkit.feature_extraction.slides import Slide
-
-        if self._slide is None:
-            self._slide = Slide(self.slide_path, mpp=self.mpp)
-
-    def close(self) -> None:
-        if self._slide is not None:
-            self._slide.close()
-            self._slide = None
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, bool]:
-        from milkit.feature_extraction.slides import TileReadError
-        from milkit.feature_extraction.tiling import read_tile
-
-        self.open()
-        try:
-            return read_tile(self._slide, self.grid, i), True
-        except TileReadError:
-            p = self.grid.patch_size
-            return np.full((p, p, 3), 255, dtype=np.uint8), False
-
-
-def _worker_init(worker_id: int) -> None:
-    import cv2
-    import torch.utils.data
-
-    cv2.setNumThreads(1)
-    info = torch.utils.data.get_worker_info()
-    if info is not None:
-        info.dataset._slide = None  # never reuse a handle inherited through fork
-        info.dataset.open()
-        _exit_with_parent(info.dataset.parent_pid)
-
-
-def _exit_with_parent(pid: int, interval: float = 1.0) -> None:
-    """End this reader when the main process is gone (SIGKILL gives it no chance to say so).
-
-    Workers are children of the fork server, so torch's own parent watchdog does not see
-    the main process die.
-    """
-    import threading
-
-    def watch() -> None:
-        while True:
-            time.sleep(interval)
-            if not _pid_alive(pid):
-                os._exit(0)
-
-    threading.Thread(target=watch, daemon=True, name="milkit-parent-watch").start()
-
-
-def _mp_context() -> Any:
-    """Reader processes come from a forkserver, never from a fork of this process.
-
-    A plain fork copies whatever threads hold locks here (OpenCV's pool after segmentation,
-    glib/OpenSlide, tqdm's monitor), and the child can deadlock on its first read. The fork
-    server is single-threaded; its preloaded imports make each new worker start quickly.
-    """
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "cv2", "milkit.feature_extraction.extract"])
-    return ctx
-
-
-def _collate(items: list[tuple[np.ndarray, bool]]) -> tuple[Any, Any]:
-    import torch
-
-    tiles = torch.from_numpy(np.stack([t for t, _ in items]))
-    ok = torch.tensor([o for _, o in items], dtype=torch.bool)
-    return tiles, ok
-
-
-def encode_grid(
-    slide_path: Path,
-    mpp: float | None,
-    grid: Any,
-    encoder: Any,
-    *,
-    batch_size: int,
-    num_workers: int,
-    progress: bool = False,
-    desc: str = "",
-) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Encode every tile of ``grid``: (features (N, D) float32, ok (N,) bool, read_s, encode_s).
-
-    ``read_s`` is the time spent waiting for tiles, ``encode_s`` the time inside the encoder.
-    """
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    n = len(grid)
-    dim = encoder.cfg.embed_dim
-    feats = np.zeros((n, dim), dtype=np.float32)
-    ok = np.zeros(n, dtype=bool)
-    if n == 0:
-        return feats, ok, 0.0, 0.0
-    dataset = TileDataset(slide_path, mpp, grid)
-    workers = min(num_workers, max(1, n // batch_size))
-    loader = DataLoader(
-        dataset,  # type: ignore[arg-type]
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        worker_init_fn=_worker_init if workers else None,
-        multiprocessing_context=_mp_context() if workers else None,
-        collate_fn=_collate,
-        pin_memory=encoder.device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-    )
-    if hasattr(encoder, "prepare"):
-        encoder.prepare(n, batch_size)  # torch.compile for long runs (PatchEncoder.prepare)
-    read_s = encode_s = 0.0
-    start = 0
-    bar = tqdm(total=n, desc=desc, unit="tile", leave=False, disable=not progress)
-    try:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            for tiles, good in loader:
-                t1 = time.perf_counter()
-                out = encoder.encode(tiles)
-                t2 = time.perf_counter()
-                read_s += t1 - t0
-                encode_s += t2 - t1
-                b = tiles.shape[0]
-                feats[start : start + b] = out.numpy()
-                ok[start : start + b] = good.numpy()
-                start += b
-                bar.update(b)
-                t0 = time.perf_counter()
-    finally:
-        bar.close()
-        dataset.close()
-    return feats, ok, read_s, encode_s
 
 
 # ---------------------------------------------------------------------------- one slide
@@ -946,21 +470,4 @@ def _resume(
         update_manifest(out_dir, {**asdict(result), "status": bag_status})
 
 
-__all__ = [
-    "MANIFEST_FIELDS",
-    "SLIDE_EXTENSIONS",
-    "ExtractConfig",
-    "RunSummary",
-    "SlideResult",
-    "acquire_lock",
-    "discover_slides",
-    "effective_shard",
-    "encode_grid",
-    "parse_shard",
-    "preprocess",
-    "process_slide",
-    "read_manifest",
-    "release_lock",
-    "select_shard",
-    "slide_id_of",
-]
+__all__ = ["ExtractConfig", "preprocess", "process_slide"]

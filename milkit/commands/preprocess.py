@@ -130,7 +130,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace):  # -> ExtractConfig
     """The :class:`ExtractConfig` equal to the parsed command line."""
-    from milkit.feature_extraction.extract import ExtractConfig, parse_shard
+    from milkit.feature_extraction.batch import parse_shard
+    from milkit.feature_extraction.extract import ExtractConfig
 
     return ExtractConfig(
         encoder=args.encoder,

@@ -63,9 +63,9 @@ def class_sort_key(name: str) -> tuple[int, float, str]:
 
 def slide_file_extensions() -> tuple[str, ...]:
     """Extensions that may end a slide id by mistake: the slide formats preprocessing reads
-    (``milkit.feature_extraction.extract.SLIDE_EXTENSIONS``, the one list) plus the bag
+    (``milkit.feature_extraction.batch.SLIDE_EXTENSIONS``, the one list) plus the bag
     suffixes, longest first."""
-    from milkit.feature_extraction.extract import SLIDE_EXTENSIONS
+    from milkit.feature_extraction.batch import SLIDE_EXTENSIONS
 
     exts = {e.lower() for e in (*SLIDE_EXTENSIONS, *BAG_SUFFIXES, ".ome.tif", ".ome.tiff")}
     return tuple(sorted(exts, key=len, reverse=True))

@@ -324,7 +324,7 @@ def load_labels(
         frame["split"] = split
 
     # ---- bags: existence, manifest status, readability, size, finiteness
-    from milkit.feature_extraction.extract import read_manifest
+    from milkit.feature_extraction.batch import read_manifest
 
     manifest = read_manifest(bags_dir)
     bag_problems: dict[str, tuple[str, str]] = {}  # slide id -> (kind, detail)

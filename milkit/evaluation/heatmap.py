@@ -310,7 +310,8 @@ def check_slide_matches_bag(
     Returns notes for the caller to print (the mismatches let through by ``allow_mismatch``, for
     renamed or re-saved copies of the slide). Raises MilkitError naming both sides otherwise.
     """
-    from milkit.feature_extraction.extract import HASH_LIMIT_BYTES, slide_id_of
+    from milkit.feature_extraction.batch import slide_id_of
+    from milkit.feature_extraction.extract import HASH_LIMIT_BYTES
     from milkit.io.bags import read_bag_header
 
     bag_path, slide_path = Path(bag_path), Path(slide_path)

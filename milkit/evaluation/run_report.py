@@ -513,7 +513,7 @@ def _attention_section(
     thumbnail_size: int,
 ) -> list[str]:
     from milkit.evaluation.heatmap import heatmap_for_slide
-    from milkit.feature_extraction.extract import discover_slides, slide_id_of
+    from milkit.feature_extraction.batch import discover_slides, slide_id_of
     from milkit.io.bags import find_bag
 
     bags_root = Path(bags_dir) if bags_dir is not None else Path(str(info.get("bags_dir", "")))

@@ -16,16 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from milkit.errors import MilkitError
-from milkit.feature_extraction.extract import (
-    ExtractConfig,
-    acquire_lock,
+from milkit.feature_extraction.batch import (
     discover_slides,
     effective_shard,
     parse_shard,
-    preprocess,
     read_manifest,
     select_shard,
 )
+from milkit.feature_extraction.extract import ExtractConfig, preprocess
+from milkit.io.atomic import acquire_lock
 from milkit.io.bags import is_complete_bag, read_bag, write_bag
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from milkit.cli import main
-from milkit.feature_extraction.extract import ExtractConfig, preprocess, read_manifest
+from milkit.feature_extraction.batch import read_manifest
+from milkit.feature_extraction.extract import ExtractConfig, preprocess
 from milkit.feature_extraction.recipe import build_recipe, recipe_differences
 from milkit.feature_extraction.tissue import TissueParams
 from milkit.io.bags import read_bag, read_bag_header

@@ -369,7 +369,7 @@ def _second_series(src: Path, dst: Path) -> None:
 def test_dicom_folder_with_several_series(slides_dir: Path, tmp_path: Path) -> None:
     import shutil
 
-    from milkit.feature_extraction.extract import discover_slides, slide_id_of
+    from milkit.feature_extraction.batch import discover_slides, slide_id_of
 
     src = slides_dir / "synthetic"
     one = tmp_path / "one_series"

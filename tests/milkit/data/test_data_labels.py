@@ -134,7 +134,7 @@ def test_id_with_and_without_extension_is_a_duplicate(tmp_path: Path) -> None:
 
 
 def test_extension_list_is_preprocessings() -> None:
-    from milkit.feature_extraction.extract import SLIDE_EXTENSIONS
+    from milkit.feature_extraction.batch import SLIDE_EXTENSIONS
 
     for ext in SLIDE_EXTENSIONS:
         assert strip_slide_extension(f"X1{ext}") == "X1"
