@@ -298,6 +298,67 @@ def _dataset_labels(dataset: Dataset) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64)
 
 
+@dataclass
+class _FitState:
+    """What a fit carries from epoch to epoch, and what ``last.pt`` stores to resume it exactly.
+
+    ``monitor`` is the selection score actually used (``val_loss`` when ``val_auc`` is undefined
+    on the validation set); ``best_key`` ranks epochs (``_selection_key``); ``best_state`` holds
+    the kept epoch's weights (on the model's device), written to ``best.pt``.
+    """
+
+    monitor: str
+    start_epoch: int = 0
+    global_step: int = 0
+    best_score: float | None = None
+    best_key: tuple[float, ...] | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def resumed(cls, saved: Mapping[str, Any], monitor: str) -> _FitState:
+        """The state after the epoch a ``last.pt`` was written at (``best_state`` left unset)."""
+        st = cls(
+            monitor=saved.get("monitor", monitor),
+            start_epoch=int(saved["epoch"]) + 1,
+            global_step=int(saved["global_step"]),
+            best_score=saved["best_score"],
+            best_epoch=int(saved["best_epoch"]),
+            bad_epochs=int(saved["bad_epochs"]),
+            stopped=bool(saved["stopped"]),
+            history=list(saved["history"]),
+        )
+        key = saved.get("best_key")
+        if key is not None:
+            st.best_key = tuple(float(v) for v in key)
+        elif 0 <= st.best_epoch < len(st.history):  # a state written before best_key existed
+            st.best_key = _selection_key(st.history[st.best_epoch], st.monitor)
+        return st
+
+    def keep(
+        self, epoch: int, score: float | None, key: tuple[float, ...] | None, model: nn.Module
+    ) -> None:
+        """Select ``epoch``: its score and ranking key, a copy of the model's weights."""
+        self.best_epoch, self.best_score, self.best_key, self.bad_epochs = epoch, score, key, 0
+        self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def saved(self) -> dict[str, Any]:
+        """The ``last.pt`` fields of this state (plain values; weights are saved separately)."""
+        return {
+            "global_step": self.global_step,
+            "best_score": self.best_score,
+            "best_key": None if self.best_key is None else list(self.best_key),
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "stopped": self.stopped,
+            "monitor": self.monitor,
+            "history": plain(self.history),
+        }
+
+
 class Trainer:
     """Fits one aggregator; writes ``best.pt``, ``last.pt`` and ``log.csv``/``log.jsonl``.
 
@@ -542,12 +603,7 @@ class Trainer:
                 find_unused_parameters=True,  # MIL models may skip branches on some bags
             )
 
-        start_epoch, global_step = 0, 0
-        best_score: float | None = None
-        best_key: tuple[float, ...] | None = None
-        best_epoch, bad_epochs, stopped = -1, 0, False
-        history: list[dict[str, Any]] = []
-        best_state: dict[str, torch.Tensor] | None = None
+        st = _FitState(monitor)
         if (
             resume
             and self.last_path is not None
@@ -570,39 +626,27 @@ class Trainer:
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             _set_rng_state(state["rng"])
-            start_epoch = int(state["epoch"]) + 1
-            global_step = int(state["global_step"])
-            best_score = state["best_score"]
-            best_epoch = int(state["best_epoch"])
-            bad_epochs = int(state["bad_epochs"])
-            stopped = bool(state["stopped"])
-            history = list(state["history"])
-            monitor = state.get("monitor", monitor)
-            key = state.get("best_key")
-            if key is not None:
-                best_key = tuple(float(v) for v in key)
-            elif 0 <= best_epoch < len(history):  # a state written before best_key existed
-                best_key = _selection_key(history[best_epoch], monitor)
+            st = _FitState.resumed(state, monitor)
             if self.best_path is not None and self.best_path.exists():
-                best_state = read_checkpoint(self.best_path)[0]
+                st.best_state = read_checkpoint(self.best_path)[0]
         else:
             seed_everything(cfg.seed + self.dist.rank)
 
         writer = self._tensorboard()
-        epoch = start_epoch - 1
+        epoch = st.start_epoch - 1
         unsaved: list[dict[str, Any]] = []  # rows not yet in the logs
         best_unsaved = False  # best_state newer than best.pt
         last_save = -math.inf
-        for epoch in range(start_epoch, cfg.epochs):
-            if stopped:
+        for epoch in range(st.start_epoch, cfg.epochs):
+            if st.stopped:
                 break
             t0 = time.perf_counter()
             sampler.set_epoch(epoch)
             if callable(getattr(train_ds, "set_epoch", None)):
                 train_ds.set_epoch(epoch)  # reseeds part A's augmentations (resume-exact)
-            train_logs, global_step = self._train_epoch(
+            train_logs, st.global_step = self._train_epoch(
                 net, model, loader, optimizer, scheduler, scaler, criterion,
-                epoch, global_step, total_steps, amp_on, amp_dtype,
+                epoch, st.global_step, total_steps, amp_on, amp_dtype,
             )  # fmt: skip
             row: dict[str, Any] = {"epoch": epoch, **train_logs}
             if val_ds is not None:
@@ -610,42 +654,41 @@ class Trainer:
                 self._last_val = {k: f"{row[k]:.4f}" for k in ("val_loss", "val_auc")
                                   if isinstance(row.get(k), float) and math.isfinite(row[k])}  # fmt: skip
             row["time_s"] = round(time.perf_counter() - t0, 3)
-            history.append(row)
+            st.history.append(row)
 
-            score = row.get(monitor) if val_ds is not None else None
-            key = _selection_key(row, monitor) if val_ds is not None else None
-            improved = val_ds is None or (key is not None and (best_key is None or key > best_key))
-            if improved:
-                best_score, best_key, best_epoch, bad_epochs = score, key, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            score = row.get(st.monitor) if val_ds is not None else None
+            key = _selection_key(row, st.monitor) if val_ds is not None else None
+            if val_ds is None or (key is not None and (st.best_key is None or key > st.best_key)):
+                st.keep(epoch, score, key, model)
                 best_unsaved = True
             else:
-                bad_epochs += 1
+                st.bad_epochs += 1
             if (
                 cfg.patience is not None
                 and val_ds is not None
-                and bad_epochs >= cfg.patience
+                and st.bad_epochs >= cfg.patience
                 and epoch + 1 >= cfg.min_epochs
             ):
-                stopped = True
-            stopped = broadcast_flag(stopped, self.device)
-            row["best_epoch"] = best_epoch
+                st.stopped = True
+            st.stopped = broadcast_flag(st.stopped, self.device)
+            row["best_epoch"] = st.best_epoch
             unsaved.append(row)
             due = (
-                epoch == start_epoch
-                or stopped
+                epoch == st.start_epoch
+                or st.stopped
                 or epoch + 1 >= cfg.epochs
                 or time.perf_counter() - last_save >= cfg.checkpoint_every_s
             )
             if self.dist.is_main and due:
                 last_save = time.perf_counter()
-                if best_unsaved and best_state is not None and self.best_path is not None:
+                if best_unsaved and st.best_state is not None and self.best_path is not None:
                     # best.pt before last.pt: a last.pt on disk always has its best.pt
-                    best_meta = self.checkpoint_meta(best_epoch, best_score, monitor=monitor,
+                    best_meta = self.checkpoint_meta(st.best_epoch, st.best_score,
+                                                     monitor=st.monitor,
                                                      selection="selected so far")  # fmt: skip
-                    save_checkpoint(self.best_path, _Weights(best_state), best_meta)
+                    save_checkpoint(self.best_path, _Weights(st.best_state), best_meta)
                 best_unsaved = False
-                self._write_logs(history, writer, unsaved)
+                self._write_logs(st.history, writer, unsaved)
                 unsaved = []
                 if self.last_path is not None:
                     save_train_state(
@@ -657,48 +700,42 @@ class Trainer:
                             "scaler": scaler.state_dict(),
                             "rng": _rng_state(),
                             "epoch": epoch,
-                            "global_step": global_step,
-                            "best_score": best_score,
-                            "best_key": None if best_key is None else list(best_key),
-                            "best_epoch": best_epoch,
-                            "bad_epochs": bad_epochs,
-                            "stopped": stopped,
-                            "monitor": monitor,
-                            "history": plain(history),
-                            "meta": self.checkpoint_meta(epoch, score, monitor=monitor),
+                            **st.saved(),
+                            "meta": self.checkpoint_meta(epoch, score, monitor=st.monitor),
                         },
                     )
             self._after_epoch(epoch)
         if writer is not None:
             writer.close()
 
-        if best_epoch < 0 and history:
+        if st.best_epoch < 0 and st.history:
             # No epoch had a finite score: keep the last one rather than leave no model.
-            best_epoch, best_score = int(history[-1]["epoch"]), None
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            notes.append(f"no epoch had a finite {monitor}; the last epoch ({best_epoch}) is kept")
-        selection = _describe_selection(history, best_epoch, monitor, cfg.monitor, val_ds)
-        notes.extend(_saturation_notes(history, monitor))
+            st.keep(int(st.history[-1]["epoch"]), None, st.best_key, model)
+            notes.append(
+                f"no epoch had a finite {st.monitor}; the last epoch ({st.best_epoch}) is kept"
+            )
+        selection = _describe_selection(st.history, st.best_epoch, st.monitor, cfg.monitor, val_ds)
+        notes.extend(_saturation_notes(st.history, st.monitor))
         for note in notes:
             if self.dist.is_main:
                 warnings.warn(note if self.out_dir is None else f"{self.out_dir}: {note}",
                               stacklevel=3)  # fmt: skip
 
         # Leave the model holding the selected (best) weights; best.pt gets the final reason.
-        if best_state is not None:
-            model.load_state_dict(best_state)
+        if st.best_state is not None:
+            model.load_state_dict(st.best_state)
             if self.dist.is_main and self.best_path is not None:
-                meta = self.checkpoint_meta(best_epoch, best_score, monitor=monitor,
+                meta = self.checkpoint_meta(st.best_epoch, st.best_score, monitor=st.monitor,
                                             selection=selection["reason"])  # fmt: skip
                 save_checkpoint(self.best_path, model, meta)
         model.eval()
         return FitResult(
-            best_epoch=best_epoch,
-            best_score=best_score,
-            history=history,
+            best_epoch=st.best_epoch,
+            best_score=st.best_score,
+            history=st.history,
             checkpoint=self.best_path if self.best_path and self.best_path.exists() else None,
-            monitor=monitor,
-            stopped_early=stopped and epoch + 1 < cfg.epochs,
+            monitor=st.monitor,
+            stopped_early=st.stopped and epoch + 1 < cfg.epochs,
             selection=selection,
             warnings=notes,
         )
