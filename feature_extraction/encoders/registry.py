@@ -48,6 +48,10 @@ class EncoderCfg:
         weights_required: False only for weight-free encoders.
         interpolation: resize mode used by the official transform.
         cpu_amp: run under bf16 autocast on CPU when precision is ``auto``.
+        cpu_fuse: on CPU in fp32 (torch runtime, ``compile="auto"``), run the convolutions as
+            prepacked oneDNN calls with BatchNorm, ReLU and residual adds fused in
+            (:mod:`~milkit.feature_extraction.encoders.onednn`), on runs of any length, instead
+            of ``torch.compile`` for long runs. Set only for encoders where it was measured.
     """
 
     name: str
@@ -63,6 +67,7 @@ class EncoderCfg:
     weights_required: bool = True
     interpolation: str = "bilinear"
     cpu_amp: bool = True
+    cpu_fuse: bool = False
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -298,7 +303,8 @@ def load_strict(
 
 # ---------------------------------------------------------------------------- runtime wrapper
 
-# Tiles in a run from which compile="auto" compiles the encoder (see PatchEncoder.prepare).
+# Tiles in a run from which compile="auto" compiles an encoder without ``cpu_fuse`` (see
+# PatchEncoder.prepare).
 COMPILE_MIN_TILES = 2000
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -351,9 +357,11 @@ class PatchEncoder(nn.Module):
         self.weights_path = weights_path
         self.precision = "fp32"
         self.runtime = "torch"  # or an opt-in CPU runtime (see encoders.runtimes)
-        # torch runtime on CPU: torch.compile (inductor, frozen weights) for long runs, see
-        # prepare(); "auto" / "on" / "off".
+        # torch runtime on CPU in fp32, see prepare(): "auto" (oneDNN fusion for cpu_fuse
+        # encoders, torch.compile for long runs of the others), "on" (torch.compile), "off".
         self.compile = "off"
+        self.fused = False  # the runner is the oneDNN-fused graph (encoders.onednn)
+        self._fuse_failed = False
         # What runs the batches when it is not ``model`` itself (BatchNorm folded, compiled, or
         # another runtime); kept in a tuple so that it is not a second copy in the state_dict.
         self._runner: tuple[nn.Module, ...] = ()
@@ -398,6 +406,16 @@ class PatchEncoder(nn.Module):
         return bool(self._eager)
 
     @property
+    def execution(self) -> str:
+        """What encodes the batches, as recorded in the bag: ``eager`` (PyTorch; on CPU with
+        BatchNorm folded), ``onednn-fused``, ``torch.compile``, or the other runtime's name."""
+        if self.runtime != "torch":
+            return self.runtime
+        if self.compiled:
+            return "torch.compile"
+        return "onednn-fused" if self.fused else "eager"
+
+    @property
     def runner(self) -> nn.Module:
         """The module that encodes batches: ``model``, or its optimised stand-in."""
         return self._runner[0] if self._runner else self.model
@@ -408,21 +426,35 @@ class PatchEncoder(nn.Module):
 
     def prepare(self, n_tiles: int, batch_size: int) -> None:
         """Called before encoding ``n_tiles`` more tiles (one slide) in batches of ``batch_size``;
-        compiles the model once the run is long enough.
+        readies the fastest fp32 CPU execution that pays off for the run so far.
 
-        Only the torch runtime on CPU, in fp32, and only when worth it: ``compile="on"``, or
-        ``"auto"`` once the run's slides so far (this one included) add up to at least
-        :data:`COMPILE_MIN_TILES` tiles: compiling takes 11–35 s on 2 cores, once per run, and
-        the compiled resnet50-trunc runs ~1.5x faster than the eager one, so a cohort of small
-        slides is compiled too. Later calls are no-ops. A failed compilation (no C++
-        compiler, an unsupported operator) warns and keeps the eager model: the numbers are the
+        Only the torch runtime on CPU in fp32; ``compile="off"`` keeps the eager model
+        (BatchNorm folded). The rule, from measurements of resnet50-trunc on the 2-core AVX-512
+        machine (2 threads; eager 8.5–9.2 patches/s in the loop):
+
+        - ``compile="auto"`` and an encoder with ``cfg.cpu_fuse`` (resnet50-trunc): the oneDNN
+          fusion (:func:`~milkit.feature_extraction.encoders.onednn.fuse_for_onednn`) on the
+          first call, whatever the run's length: ready in ~1 s and 12.5–13.3/s, as fast as
+          ``torch.compile`` (12.8–12.9/s) which takes 8 s (cached) to 18–35 s (cold) to compile,
+          so compiling never pays off for it.
+        - ``compile="auto"``, other encoders: ``torch.compile`` (inductor, frozen weights) once
+          the run's slides so far (this one included) add up to :data:`COMPILE_MIN_TILES`
+          tiles, so a cohort of small slides is compiled too; ``compile="on"``: at once.
+
+        Later calls are no-ops. A preparation that fails (oneDNN operators missing or giving
+        other numbers, no C++ compiler, an unsupported operator) warns and keeps the eager
+        model (a failed fusion still lets ``auto`` compile a long run): the features are the
         same either way (cosine ≥ 0.99999 per tile, tests/feature_extraction/test_fast_path.py).
         """
         self._run_tiles += n_tiles
-        if self.compiled or self.compile == "off" or self.runtime != "torch":
+        if self.compiled or self.fused or self.compile == "off" or self.runtime != "torch":
             return
         if self.device.type != "cpu" or self.precision != "fp32":
             return
+        if self.compile == "auto" and self.cfg.cpu_fuse and not self._fuse_failed:
+            self._fuse(batch_size)
+            if self.fused:
+                return
         if self.compile == "auto" and (
             self._run_tiles < COMPILE_MIN_TILES or not self.cfg.weights_required
         ):
@@ -439,18 +471,27 @@ class PatchEncoder(nn.Module):
             with torch.inference_mode():
                 compiled(example.contiguous(memory_format=torch.channels_last))
         except Exception as err:  # any backend failure: eager gives the same features
-            import warnings
-
-            warnings.warn(
-                f"torch.compile of encoder {self.cfg.name!r} failed ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}); running it eagerly",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            _warn_eager(f"torch.compile of encoder {self.cfg.name!r}", err)
             self.compile = "off"
             return
         self._eager, self._compiled_batch = (eager,), batch_size
         self.set_runner(compiled)
+
+    def _fuse(self, batch_size: int) -> None:
+        """Run batches with the oneDNN-fused graph of the (BatchNorm-folded) runner; checked
+        against the model as loaded before it is used."""
+        from milkit.feature_extraction.encoders.onednn import fuse_for_onednn
+
+        try:
+            fused = fuse_for_onednn(
+                self.runner, self.cfg.input_size, batch_size, reference=self.model
+            )
+        except Exception as err:  # eager gives the same features, only slower
+            _warn_eager(f"oneDNN fusion of encoder {self.cfg.name!r}", err)
+            self._fuse_failed = True
+            return
+        self.set_runner(fused)
+        self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features of a preprocessed batch, under autocast at ``self.precision``, as float32."""
@@ -483,11 +524,23 @@ class PatchEncoder(nn.Module):
             "encoder_precision": self.precision,
             "encoder_runtime": self.runtime,
             "encoder_compiled": self.compiled,
+            "encoder_execution": self.execution,
             "encoder_input_size": self.cfg.input_size,
             "encoder_weights_sha256": self.weights_sha256,
             "encoder_weights_file": None if self.weights_path is None else self.weights_path.name,
             "encoder_hub_id": self.cfg.hub_id,
         }
+
+
+def _warn_eager(what: str, err: Exception) -> None:
+    import warnings
+
+    first = str(err).splitlines()[0] if str(err) else ""
+    warnings.warn(
+        f"{what} failed ({type(err).__name__}: {first}); running it eagerly",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def create_encoder(
@@ -509,8 +562,11 @@ def create_encoder(
         runtime: ``torch`` (default), or an opt-in CPU runtime, ``onnxruntime`` (fp32) or
             ``openvino`` (fp32, or bf16 on CPUs with native bf16); see
             :mod:`~milkit.feature_extraction.encoders.runtimes`.
-        compile: ``auto`` / ``on`` / ``off``: ``torch.compile`` for the torch runtime on CPU in
-            fp32 (see :meth:`PatchEncoder.prepare`, called by the extraction with the run size).
+        compile: ``auto`` / ``on`` / ``off``: how the torch runtime runs on CPU in fp32 —
+            ``auto``: oneDNN fusion for encoders with ``cpu_fuse`` (resnet50-trunc), else
+            ``torch.compile`` once the run reaches :data:`COMPILE_MIN_TILES` tiles; ``on``:
+            ``torch.compile``; ``off``: eager (see :meth:`PatchEncoder.prepare`, called by the
+            extraction with the run size).
 
     Raises:
         MilkitError: unknown name, missing weights, a runtime that is not installed or cannot

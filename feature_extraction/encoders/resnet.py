@@ -28,6 +28,7 @@ RESNET50_TRUNC = EncoderCfg(
     embed_dim=1024,  # layer3 channels
     input_size=224,  # CLAM extract_features_fp.py: Resize(224) + ImageNet normalisation
     precision="fp32",  # CLAM and TRIDENT run it in fp32
+    cpu_fuse=True,  # oneDNN fusion on CPU: as fast as torch.compile, ready in ~1 s (registry)
     hub_id="timm/resnet50.tv_in1k",
     weights_file="model.safetensors",
     license="BSD-3-Clause (torchvision ImageNet weights)",

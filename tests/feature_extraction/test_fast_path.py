@@ -1,4 +1,5 @@
-"""Opt-in CPU fast paths (ONNX Runtime, OpenVINO, bf16, torch.compile) against the fp32 reference.
+"""CPU fast paths (the default oneDNN fusion; opt-in ONNX Runtime, OpenVINO, bf16,
+torch.compile) against the fp32 reference.
 
 Every fast path must give features within cosine ≥ 0.999 per tile of the torch fp32 encoder on
 real tissue tiles (CMU-1-Small-Region), and the bag must record the runtime so that resume never
@@ -8,6 +9,7 @@ weights (its BatchNorm statistics are randomised so that folding them is exercis
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 
 from milkit.errors import MilkitError
 from milkit.feature_extraction.encoders import create_encoder
+from milkit.feature_extraction.encoders.onednn import OneDNNConv, fuse_for_onednn
 from milkit.feature_extraction.encoders.registry import cpu_has_native_bf16
 from milkit.feature_extraction.encoders.resnet import build_resnet50_backbone
 from milkit.feature_extraction.extract import ExtractConfig, preprocess
@@ -126,6 +129,113 @@ def test_compiled_torch_encoder_agrees_and_pads_short_batches(weights, tiles, re
     assert enc.encode(tiles).shape == (16, 1024)  # a batch above the compiled size: eager
 
 
+def test_default_short_run_uses_the_onednn_fused_graph_with_the_same_features(
+    weights, tiles, reference
+):
+    enc, _ = create_encoder("resnet50-trunc", weights=weights)  # compile="auto", the default
+    enc.prepare(n_tiles=len(tiles), batch_size=8)  # a run far below COMPILE_MIN_TILES
+    assert (enc.execution, enc.fused, enc.compiled) == ("onednn-fused", True, False)
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in enc.runner.modules())
+    assert sum(isinstance(m, OneDNNConv) for m in enc.runner.modules()) == 43  # every conv
+    assert enc.features_attrs()["encoder_execution"] == "onednn-fused"
+    feats = torch.cat([enc.encode(tiles[:8]), enc.encode(tiles[8:13]), enc.encode(tiles[13:])])
+    cos = _cosines(feats, reference)
+    assert cos.min() >= COSINE_FP32, f"worst tile cosine {cos.min():.8f}"
+    enc.prepare(n_tiles=10**5, batch_size=8)
+    assert enc.execution == "onednn-fused"  # a long run: compiling would not be faster
+    off, _ = create_encoder("resnet50-trunc", weights=weights, compile="off")
+    off.prepare(n_tiles=len(tiles), batch_size=8)
+    assert off.execution == "eager" and off.features_attrs()["encoder_execution"] == "eager"
+
+
+def test_failed_fusion_warns_and_runs_eagerly(weights, tiles, reference, monkeypatch):
+    import milkit.feature_extraction.encoders.onednn as onednn
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("operator mkldnn::_convolution_pointwise missing")
+
+    monkeypatch.setattr(onednn, "fuse_for_onednn", broken)
+    enc, _ = create_encoder("resnet50-trunc", weights=weights)
+    with pytest.warns(RuntimeWarning, match=r"oneDNN fusion of encoder 'resnet50-trunc' failed"):
+        enc.prepare(n_tiles=len(tiles), batch_size=8)
+    assert enc.execution == "eager" and enc.features_attrs()["encoder_execution"] == "eager"
+    assert _cosines(enc.encode(tiles), reference).min() >= COSINE_FP32
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)
+    enc.prepare(n_tiles=2000, batch_size=8)  # a long run may still be compiled
+    assert enc.execution == "torch.compile"
+
+
+def test_fusion_that_changes_features_is_refused(weights, tiles, reference, monkeypatch):
+    """The check inside the fusion catches oneDNN operators that compute something else (a
+    future PyTorch): the run warns and stays eager instead of writing other features."""
+    real_forward = OneDNNConv.forward
+
+    def wrong(self, x, other=None):  # e.g. a post-op that is no longer applied
+        out = real_forward(self, x, other)
+        return out if self.unary == "none" else out - 0.5
+
+    monkeypatch.setattr(OneDNNConv, "forward", wrong)
+    enc, _ = create_encoder("resnet50-trunc", weights=weights)
+    with pytest.raises(RuntimeError, match="differs from the eager one"):
+        fuse_for_onednn(enc.runner, 224, 8, reference=enc.model)
+    with pytest.warns(RuntimeWarning, match="differs from the eager one"):
+        enc.prepare(n_tiles=len(tiles), batch_size=8)
+    assert enc.execution == "eager"
+    assert _cosines(enc.encode(tiles), reference).min() >= COSINE_FP32
+
+
+class _Residuals(torch.nn.Module):
+    """Patterns the fusion must keep right: a shortcut read again after the add, a conv whose
+    input is its own shortcut, one conv called twice (with and without ReLU), a conv output
+    read by two nodes, a functional ReLU, groups, stride, no bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.c0 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c1 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 8, 1, bias=False)
+        self.c3 = torch.nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.c4 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.act = torch.nn.ReLU(inplace=True)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=gen) * 0.3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.c0(x))
+        z = self.act(self.c1(y) + y)  # shortcut y is read again below: not in place
+        z = z + y
+        w = self.c2(z) + self.act(self.c2(z))  # shortcut: the fused ReLU conv, dead: in place
+        w = torch.relu(self.c3(w) + w)  # the conv's input is its shortcut: not in place
+        v = self.act(self.c3(w) + w) * w  # the shortcut is read after the add: not in place
+        u = self.c4(v)
+        return (u + self.c4(v)).mean((2, 3))  # dead shortcut from a fused conv: in place
+
+
+def test_fused_residual_patterns_match_eager():
+    model = _Residuals().eval()
+    fused = fuse_for_onednn(model, input_size=16, batch_size=4)
+    convs = [m for m in fused.modules() if isinstance(m, OneDNNConv)]
+    assert len(convs) == 8  # one fused module per call
+    assert sum(m.inplace for m in convs) == 2  # only the two dead shortcuts above
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want, got = model(x.clone()), fused(x.clone())
+        again = fused(x.clone())
+        short = fused(x[:3].clone())  # a batch other than the one the weights were laid out for
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got, again)
+    assert torch.allclose(short, want[:3], rtol=1e-4, atol=1e-5)
+
+
+def test_fusion_writes_in_place_only_into_a_dead_shortcut(weights):
+    enc, _ = create_encoder("resnet50-trunc", weights=weights, compile="off")
+    fused = fuse_for_onednn(enc.runner, 224, 4)
+    inplace = [n for n, m in fused.named_modules() if isinstance(m, OneDNNConv) and m.inplace]
+    # the 13 bottlenecks of layer1-3: conv3 + shortcut (+ ReLU), shortcut dead afterwards
+    assert len(inplace) == 13 and all(n.endswith("conv3_onednn") for n in inplace)
+
+
 def test_compile_auto_waits_for_a_long_run(weights, monkeypatch):
     compiled_models = []
 
@@ -135,6 +245,7 @@ def test_compile_auto_waits_for_a_long_run(weights, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     enc, _ = create_encoder("resnet50-trunc", weights=weights, compile="auto")
+    enc.cfg = dataclasses.replace(enc.cfg, cpu_fuse=False)  # an encoder without the fusion
     enc.prepare(n_tiles=100, batch_size=2)
     assert not enc.compiled  # 11-35 s of compiling would not pay off on 100 tiles
     enc.prepare(n_tiles=1850, batch_size=2)
