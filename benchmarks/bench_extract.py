@@ -73,7 +73,9 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=64, help="tiles per timed run (cycled)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
-    ap.add_argument("--workers", type=int, default=2, help="milkit reader processes")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="milkit reader processes (default: its own)"
+    )
     ap.add_argument("--batch-size", type=int, default=64, help="milkit batch (its default)")
     ap.add_argument("--clam-repo", type=Path, help="CLAM checkout (else CLAM-equivalent loop)")
     ap.add_argument("--paths", default=",".join(PATHS), help="milkit paths to time")
@@ -254,7 +256,7 @@ def _time_fast(args, full, encode_grid, create_encoder) -> None:
         }
     )
     enc, _ = create_encoder("fast")
-    for workers in (0, args.workers):
+    for workers in (0, 2 if args.workers is None else args.workers):
         t0 = time.perf_counter()
         _, _, read_s, encode_s = encode_grid(
             args.slide, None, grid, enc, batch_size=args.batch_size, num_workers=workers

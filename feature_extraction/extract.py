@@ -75,7 +75,8 @@ class ExtractConfig:
             None keeps the preset's (on for every preset). Applied to the tissue parameters, so it
             is recorded in every bag with them.
         batch_size: tiles per encoder batch.
-        num_workers: DataLoader reader processes (0 = read in the main process).
+        num_workers: DataLoader reader processes (0 = read in the main process); None: 2,
+            or 0 where the encoder runs on CPU on every core (see ``encode.reader_processes``).
         device: ``auto`` (CUDA if present, per-rank under torchrun), ``cpu``, ``cuda:1``, ...
         precision: autocast precision: ``auto`` / ``fp32`` / ``fp16`` / ``bf16``.
         runtime: ``torch``, or an opt-in CPU fast path: ``onnxruntime`` (fp32) or ``openvino``
@@ -102,7 +103,7 @@ class ExtractConfig:
     tissue_params: Any = None
     pen_ink: tuple[str, ...] | None = None
     batch_size: int = 64
-    num_workers: int = 2
+    num_workers: int | None = None
     device: str = "auto"
     precision: str = "auto"
     runtime: str = "torch"
@@ -142,7 +143,7 @@ class ExtractConfig:
         """Check everything that does not need a slide, before any work starts."""
         if self.batch_size < 1:
             raise MilkitError("batch size must be at least 1", value=self.batch_size)
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise MilkitError("number of workers must be 0 or more", value=self.num_workers)
         if self.dtype not in ("float32", "float16"):
             raise MilkitError("feature dtype must be float32 or float16", value=self.dtype)

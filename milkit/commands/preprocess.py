@@ -67,7 +67,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     enc.add_argument("--weights", type=Path, help="encoder weight file (default: HF cache)")
     enc.add_argument("--batch-size", type=int, default=64, help="tiles per batch (default 64)")
-    enc.add_argument("--workers", type=int, default=2, help="tile-reader processes (default 2)")
+    enc.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="tile-reader processes (default: 2, or none where the encoder runs on CPU on every "
+        "core: readers would only take its cores)",
+    )
     enc.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default auto)")
     enc.add_argument(
         "--precision",
