@@ -78,11 +78,13 @@ class ExtractConfig:
         num_workers: DataLoader reader processes (0 = read in the main process); None: 2,
             or 0 where the encoder runs on CPU on every core (see ``encode.reader_processes``).
         device: ``auto`` (CUDA if present, per-rank under torchrun), ``cpu``, ``cuda:1``, ...
-        precision: autocast precision: ``auto`` / ``fp32`` / ``fp16`` / ``bf16``.
-        runtime: ``torch``, or an opt-in CPU fast path: ``onnxruntime`` (fp32) or ``openvino``
-            (fp32, bf16 on CPUs with native bf16); recorded in the bag and its recipe.
-        compile: ``auto`` / ``on`` / ``off``: ``torch.compile`` of the encoder (torch runtime,
-            CPU, fp32; ``auto``: once the run reaches 2,000 tiles, see ``PatchEncoder.prepare``).
+        precision: autocast precision: ``auto`` / ``fp32`` / ``fp16`` / ``bf16``; ``int8``
+            with ``runtime="onnxruntime"``.
+        runtime: ``torch``, or an opt-in CPU fast path: ``onnxruntime`` (fp32, int8) or
+            ``openvino`` (fp32, bf16 on CPUs with native bf16); recorded in the bag and its recipe.
+        compile: ``auto`` / ``on`` / ``off``: how the torch runtime runs on CPU in fp32
+            (``auto``: resnet50-trunc oneDNN-fused, other encoders ``torch.compile``'d once the
+            run reaches 2,000 tiles; see ``PatchEncoder.prepare``).
         dtype: stored feature dtype, ``float32`` or ``float16``.
         shard: ``(i, n)``, 1-based: process every n-th slide starting at the i-th.
         slide_mpp: level-0 µm/px for every slide (overrides metadata).

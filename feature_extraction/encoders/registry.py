@@ -317,8 +317,8 @@ def resolve_precision(cfg: EncoderCfg, device: torch.device, requested: str = "a
     where the CPU has native bf16, else fp32. Any other value is used as asked.
     """
     if requested != "auto":
-        if requested not in PRECISIONS:
-            raise MilkitError("precision must be auto, fp32, fp16 or bf16", value=requested)
+        if requested not in (*PRECISIONS, "int8"):
+            raise MilkitError("precision must be auto, fp32, fp16, bf16 or int8", value=requested)
         if device.type == "cpu" and requested == "fp16":
             raise MilkitError(
                 "fp16 autocast is not supported on CPU", value=requested, hint="Use bf16 or fp32"
@@ -558,8 +558,8 @@ def create_encoder(
         weights: local checkpoint; default looks in the Hugging Face cache (offline).
         device: ``cpu``, ``cuda``, ``cuda:1``, ...
         precision: ``auto`` (see :func:`resolve_precision`: declared-fp32 encoders stay fp32),
-            ``fp32``, ``fp16``, ``bf16``.
-        runtime: ``torch`` (default), or an opt-in CPU runtime, ``onnxruntime`` (fp32) or
+            ``fp32``, ``fp16``, ``bf16``, or ``int8`` (``runtime="onnxruntime"`` only).
+        runtime: ``torch`` (default), or an opt-in CPU runtime, ``onnxruntime`` (fp32, int8) or
             ``openvino`` (fp32, or bf16 on CPUs with native bf16); see
             :mod:`~milkit.feature_extraction.encoders.runtimes`.
         compile: ``auto`` / ``on`` / ``off``: how the torch runtime runs on CPU in fp32 —
@@ -603,5 +603,8 @@ def create_encoder(
         if dev.type == "cpu":
             enc.set_runner(fold_batchnorm(enc.model).to(memory_format=torch.channels_last))
     else:
-        enc.set_runner(compile_for_runtime(enc.model, runtime, resolved, cfg.input_size))
+        from milkit.feature_extraction.encoders.runtimes import calibration_tiles
+
+        calib = enc.preprocess(calibration_tiles()).cpu() if resolved == "int8" else None
+        enc.set_runner(compile_for_runtime(enc.model, runtime, resolved, cfg.input_size, calib))
     return enc, cfg

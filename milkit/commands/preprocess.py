@@ -78,9 +78,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     enc.add_argument(
         "--precision",
         default="auto",
-        choices=("auto", "fp32", "fp16", "bf16"),
+        choices=("auto", "fp32", "fp16", "bf16", "int8"),
         help="autocast precision (auto: the encoder's declared one; fp32 encoders such as "
-        "resnet50-trunc stay fp32; half-precision ones run bf16 on CPUs with native bf16)",
+        "resnet50-trunc stay fp32; half-precision ones run bf16 on CPUs with native bf16); int8: "
+        "with --runtime onnxruntime, quantised on fixed synthetic tiles",
     )
     enc.add_argument(
         "--runtime",
@@ -94,8 +95,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--compile",
         default="auto",
         choices=("auto", "on", "off"),
-        help="torch.compile the encoder (torch runtime, CPU, fp32; auto: once the run reaches "
-        "2,000 tiles, where its 11-35 s compile pays off; same features; default auto)",
+        help="how the torch runtime runs on CPU in fp32 (same features): auto (default): "
+        "resnet50-trunc oneDNN-fused at once, other encoders torch.compile'd once the run "
+        "reaches 2,000 tiles; on: torch.compile; off: eager",
     )
     enc.add_argument("--float16", action="store_true", help="store features as float16")
     tiles = p.add_argument_group("tiles")

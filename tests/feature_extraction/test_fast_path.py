@@ -89,6 +89,7 @@ def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 FAST_PATHS = [
     ("onnxruntime", "fp32", COSINE_FP32),
+    ("onnxruntime", "int8", COSINE_FAST),  # calibrated on synthetic tiles, tested on real ones
     ("openvino", "fp32", COSINE_FP32),
     ("openvino", "bf16", COSINE_FAST),
     ("torch", "bf16", COSINE_FAST),
@@ -267,8 +268,12 @@ def test_runtime_errors_name_the_problem(weights, monkeypatch):
         create_encoder("resnet50-trunc", weights=weights, runtime="tensorrt")
     with pytest.raises(MilkitError, match="runs on CPU only"):
         create_encoder("resnet50-trunc", weights=weights, runtime="openvino", device="cuda")
-    with pytest.raises(MilkitError, match="'onnxruntime' runs fp32 only"):
+    with pytest.raises(MilkitError, match="'onnxruntime' runs fp32, int8 only"):
         create_encoder("resnet50-trunc", weights=weights, runtime="onnxruntime", precision="bf16")
+    with pytest.raises(MilkitError, match=r"int8 runs with --runtime onnxruntime only"):
+        create_encoder("resnet50-trunc", weights=weights, precision="int8")
+    with pytest.raises(MilkitError, match=r"'openvino' runs fp32, bf16 only"):
+        create_encoder("resnet50-trunc", weights=weights, runtime="openvino", precision="int8")
     import builtins
 
     real_import = builtins.__import__
