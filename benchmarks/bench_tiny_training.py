@@ -81,8 +81,8 @@ def milkit_run(table, folds: int, epochs: int, out: Path) -> dict:
     import shutil
     import warnings
 
+    from milkit.training.config import TrainConfig
     from milkit.training.cv import cross_validate
-    from milkit.training.trainer import TrainConfig
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(epochs=epochs, progress=False, device="cpu", seed=0)

@@ -50,7 +50,8 @@ def child(
     import torch
 
     from milkit import models
-    from milkit.training.trainer import TrainConfig, fit_model
+    from milkit.training.config import TrainConfig
+    from milkit.training.trainer import fit_model
 
     torch.set_num_threads(threads)
     data = CyclingBags(bags, instances, dim, distinct)

@@ -104,7 +104,9 @@ def run_fold(
 
     from milkit.data.datasets import InMemoryBagDataset
     from milkit.data.mil_benchmarks import fit_standardizer
-    from milkit.training.trainer import TrainConfig, fit_model, predict, seed_everything
+    from milkit.runtime.seeds import seed_everything
+    from milkit.training.config import TrainConfig
+    from milkit.training.trainer import fit_model, predict
 
     std = fit_standardizer([bags[i] for i in train_idx])
     val_idx = np.array([], dtype=int)

@@ -50,7 +50,7 @@ class MILModel(nn.Module):
     - ``supports_padding``: padded batches with a mask give per-bag results; otherwise the model
       raises a clear error for B > 1.
     - ``training_preset``: the official training recipe of the paper's code, as keyword values of
-      ``milkit.training.trainer.TrainConfig`` (e.g. ``{"optimizer": "adam", "lr": 2e-4, "weight_decay": 1e-5,
+      ``milkit.training.config.TrainConfig`` (e.g. ``{"optimizer": "adam", "lr": 2e-4, "weight_decay": 1e-5,
       "epochs": 200, "scheduler": "cosine", "batch_size": 1}``); the trainer's ``--preset official``
       uses it. Empty means "use the trainer's defaults".
     """

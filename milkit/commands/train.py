@@ -158,7 +158,7 @@ def parse_model_args(items: list[str]) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace):
     """The ``TrainConfig`` equal to the parsed command line (preset + explicit options)."""
-    from milkit.training.trainer import TrainConfig
+    from milkit.training.config import TrainConfig
 
     overrides = {
         "epochs": args.epochs,

@@ -252,7 +252,7 @@ def training_table(slides_dir: Path, bags_dir: Path, out_csv: Path, ok_ids: set[
 
 def train_config(model: str, epochs: int, seed: int, max_instances: int | None, progress: bool):
     """The demo's training recipe: milkit defaults with a short schedule and early stopping."""
-    from milkit.training.trainer import TrainConfig
+    from milkit.training.config import TrainConfig
 
     return TrainConfig.for_model(
         model,

@@ -266,8 +266,9 @@ def out_of_fold_attention(
     the demo report).
     """
     from milkit.data.datasets import BagDataset
+    from milkit.runtime.device import resolve_device
     from milkit.training.inference import instance_scores, load_checkpoint
-    from milkit.training.trainer import predict, resolve_device
+    from milkit.training.trainer import predict
 
     device = str(resolve_device(device))
     fold_of = dict(zip(preds.frame["slide_id"], preds.frame["fold"], strict=True))

@@ -39,15 +39,11 @@ from milkit.io.runs import (
     SUMMARY_FILE,
     read_fold_predictions,
 )
+from milkit.runtime.device import resolve_device
 from milkit.runtime.distributed import barrier, setup_distributed
-from milkit.training.trainer import (
-    Predictions,
-    TrainConfig,
-    Trainer,
-    predict,
-    resolve_device,
-    seed_everything,
-)
+from milkit.runtime.seeds import seed_everything
+from milkit.training.config import TrainConfig
+from milkit.training.trainer import Predictions, Trainer, predict
 
 
 @dataclass

@@ -112,7 +112,8 @@ def predict_run(
             none. ``milkit.runtime.oom.BagOutOfMemoryError`` when a bag does not fit.
     """
     from milkit.io.runs import fold_checkpoints, load_run
-    from milkit.training.trainer import predict, resolve_device
+    from milkit.runtime.device import resolve_device
+    from milkit.training.trainer import predict
 
     cfg = load_run(run_dir).get("train_config") or {}
     # an out-of-memory hint suggests the cap the run itself was evaluated (or trained) with

@@ -19,7 +19,6 @@ import csv
 import io
 import json
 import math
-import random
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -50,18 +49,22 @@ from milkit.runtime.distributed import (
     setup_distributed,
 )
 from milkit.runtime.oom import oom_context
+from milkit.runtime.seeds import rng_state, seed_everything, set_rng_state
 from milkit.training.config import TrainConfig
+from milkit.training.selection import (
+    MIN_VAL_SLIDES,
+    FitState,
+    describe_selection,
+    saturation_notes,
+    selection_key,
+)
 
 __all__ = [
     "FitResult",
     "Predictions",
-    "TrainConfig",
     "Trainer",
     "fit_model",
     "predict",
-    "resolve_device",
-    "save_checkpoint",
-    "seed_everything",
 ]
 
 
@@ -114,44 +117,6 @@ class Predictions:
         for c, cname in enumerate(names):
             frame[f"prob_{cname}"] = self.probs[:, c]
         return frame
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU + CUDA) RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-         n["cached_gaussian"])
-    )  # fmt: skip
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        with contextlib.suppress(RuntimeError):
-            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _collate() -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
@@ -214,71 +179,6 @@ class _TrainStep(nn.Module):
         return self.model.training_loss(batch, output, criterion)
 
 
-# Below this many validation slides epoch selection is noisy (a warning says so): the AUC of
-# p positive and n negative slides takes at most p * n + 1 values, and one slide moves the loss.
-MIN_VAL_SLIDES = 10
-
-
-def _finite(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
-def _selection_key(row: Mapping[str, Any], monitor: str) -> tuple[float, ...] | None:
-    """Rank of one epoch's validation row (larger is better); None when the score is undefined.
-
-    ``val_loss``: ``(-loss,)``. ``val_auc``: ``(auc, -loss)``, so epochs with equal AUC (common:
-    a small validation set's AUC saturates at 1.0) are told apart by the lower loss.
-    """
-    loss = _finite(row.get("val_loss"))
-    if monitor == "val_loss":
-        return None if loss is None else (-loss,)
-    auc = _finite(row.get(monitor))
-    if auc is None:
-        return None
-    return (auc, -loss if loss is not None else -math.inf)
-
-
-def _describe_selection(
-    history: Sequence[Mapping[str, Any]],
-    epoch: int,
-    monitor: str,
-    requested: str,
-    val_ds: Dataset | None,
-) -> dict[str, Any]:
-    """``{"epoch", "monitor", "requested_monitor", "score", "val_loss", "reason"}``."""
-    row = next((r for r in history if r.get("epoch") == epoch), {})
-    score, loss = _finite(row.get(monitor)), _finite(row.get("val_loss"))
-    if val_ds is None:
-        reason = "no validation set: the last epoch is kept"
-    elif score is None:
-        reason = f"no epoch had a finite {monitor}: the last epoch is kept"
-    elif monitor == "val_loss":
-        reason = f"lowest val_loss ({score:.4f}) of {len(history)} epochs"
-    else:
-        tied = sum(1 for r in history if _finite(r.get(monitor)) == score)
-        reason = f"highest {monitor} ({score:.4f}) of {len(history)} epochs"
-        if tied > 1 and loss is not None:
-            reason += f"; {tied} epochs tied, the lowest val_loss ({loss:.4f}) won"
-    if monitor != requested:
-        reason += f" ({requested} was undefined on this validation set)"
-    return {"epoch": epoch, "monitor": monitor, "requested_monitor": requested, "score": score,
-            "val_loss": loss, "reason": reason}  # fmt: skip
-
-
-def _saturation_notes(history: Sequence[Mapping[str, Any]], monitor: str) -> list[str]:
-    """A warning when the validation AUC sits at 1.0 for several epochs (it cannot rank them)."""
-    perfect = [int(r["epoch"]) for r in history if _finite(r.get("val_auc")) == 1.0]
-    if len(perfect) < 2:
-        return []
-    note = (
-        f"validation AUC saturated at 1.0 in {len(perfect)} of {len(history)} epochs (first: "
-        f"epoch {perfect[0]}); the validation set is too small or too easy to rank epochs by AUC"
-    )
-    if monitor == "val_auc":
-        note += ", ties were broken by val_loss"
-    return [note]
-
-
 class _Weights:
     """A state dict with the ``state_dict()`` method ``save_checkpoint`` reads."""
 
@@ -296,67 +196,6 @@ def _dataset_labels(dataset: Dataset) -> np.ndarray:
             "training dataset has no labels", hint="Build it with labels (BagDataset(..., labels=))"
         )
     return np.asarray(labels, dtype=np.int64)
-
-
-@dataclass
-class _FitState:
-    """What a fit carries from epoch to epoch, and what ``last.pt`` stores to resume it exactly.
-
-    ``monitor`` is the selection score actually used (``val_loss`` when ``val_auc`` is undefined
-    on the validation set); ``best_key`` ranks epochs (``_selection_key``); ``best_state`` holds
-    the kept epoch's weights (on the model's device), written to ``best.pt``.
-    """
-
-    monitor: str
-    start_epoch: int = 0
-    global_step: int = 0
-    best_score: float | None = None
-    best_key: tuple[float, ...] | None = None
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    stopped: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_state: dict[str, torch.Tensor] | None = None
-
-    @classmethod
-    def resumed(cls, saved: Mapping[str, Any], monitor: str) -> _FitState:
-        """The state after the epoch a ``last.pt`` was written at (``best_state`` left unset)."""
-        st = cls(
-            monitor=saved.get("monitor", monitor),
-            start_epoch=int(saved["epoch"]) + 1,
-            global_step=int(saved["global_step"]),
-            best_score=saved["best_score"],
-            best_epoch=int(saved["best_epoch"]),
-            bad_epochs=int(saved["bad_epochs"]),
-            stopped=bool(saved["stopped"]),
-            history=list(saved["history"]),
-        )
-        key = saved.get("best_key")
-        if key is not None:
-            st.best_key = tuple(float(v) for v in key)
-        elif 0 <= st.best_epoch < len(st.history):  # a state written before best_key existed
-            st.best_key = _selection_key(st.history[st.best_epoch], st.monitor)
-        return st
-
-    def keep(
-        self, epoch: int, score: float | None, key: tuple[float, ...] | None, model: nn.Module
-    ) -> None:
-        """Select ``epoch``: its score and ranking key, a copy of the model's weights."""
-        self.best_epoch, self.best_score, self.best_key, self.bad_epochs = epoch, score, key, 0
-        self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def saved(self) -> dict[str, Any]:
-        """The ``last.pt`` fields of this state (plain values; weights are saved separately)."""
-        return {
-            "global_step": self.global_step,
-            "best_score": self.best_score,
-            "best_key": None if self.best_key is None else list(self.best_key),
-            "best_epoch": self.best_epoch,
-            "bad_epochs": self.bad_epochs,
-            "stopped": self.stopped,
-            "monitor": self.monitor,
-            "history": plain(self.history),
-        }
 
 
 class Trainer:
@@ -603,7 +442,7 @@ class Trainer:
                 find_unused_parameters=True,  # MIL models may skip branches on some bags
             )
 
-        st = _FitState(monitor)
+        st = FitState(monitor)
         if (
             resume
             and self.last_path is not None
@@ -625,8 +464,8 @@ class Trainer:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
-            _set_rng_state(state["rng"])
-            st = _FitState.resumed(state, monitor)
+            set_rng_state(state["rng"])
+            st = FitState.resumed(state, monitor)
             if self.best_path is not None and self.best_path.exists():
                 st.best_state = read_checkpoint(self.best_path)[0]
         else:
@@ -657,7 +496,7 @@ class Trainer:
             st.history.append(row)
 
             score = row.get(st.monitor) if val_ds is not None else None
-            key = _selection_key(row, st.monitor) if val_ds is not None else None
+            key = selection_key(row, st.monitor) if val_ds is not None else None
             if val_ds is None or (key is not None and (st.best_key is None or key > st.best_key)):
                 st.keep(epoch, score, key, model)
                 best_unsaved = True
@@ -698,7 +537,7 @@ class Trainer:
                             "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(),
                             "scaler": scaler.state_dict(),
-                            "rng": _rng_state(),
+                            "rng": rng_state(),
                             "epoch": epoch,
                             **st.saved(),
                             "meta": self.checkpoint_meta(epoch, score, monitor=st.monitor),
@@ -714,8 +553,8 @@ class Trainer:
             notes.append(
                 f"no epoch had a finite {st.monitor}; the last epoch ({st.best_epoch}) is kept"
             )
-        selection = _describe_selection(st.history, st.best_epoch, st.monitor, cfg.monitor, val_ds)
-        notes.extend(_saturation_notes(st.history, st.monitor))
+        selection = describe_selection(st.history, st.best_epoch, st.monitor, cfg.monitor, val_ds)
+        notes.extend(saturation_notes(st.history, st.monitor))
         for note in notes:
             if self.dist.is_main:
                 warnings.warn(note if self.out_dir is None else f"{self.out_dir}: {note}",

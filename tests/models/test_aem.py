@@ -351,7 +351,7 @@ def test_fully_masked_bag_raises():
 
 
 def test_official_preset_is_accepted_by_the_trainer():
-    from milkit.training.trainer import TrainConfig
+    from milkit.training.config import TrainConfig
 
     for name in ("aem-mha", "aem-abmil", "aem"):
         config = TrainConfig.for_model(name, "official")

@@ -360,7 +360,7 @@ def test_registry_names_and_preset():
     for name in ("clam-sb", "clam-mb"):
         assert get_entry(name).cls.training_preset == CLAM_RECIPE
     assert CLAM_RECIPE["lr"] == 2e-4 and CLAM_RECIPE["min_epochs"] == 52
-    from milkit.training.trainer import TrainConfig
+    from milkit.training.config import TrainConfig
 
     cfg = TrainConfig.for_model("clam_mb", "official")  # every preset key is a valid option
     assert (cfg.sampling, cfg.monitor, cfg.patience, cfg.scheduler) == (

@@ -218,7 +218,7 @@ def test_registry_and_preset():
     assert get_entry("DSMIL").name == "dsmil"
     preset = get_entry("dsmil").cls.training_preset
     assert (preset["lr"], preset["weight_decay"], preset["epochs"]) == (1e-4, 1e-3, 50)
-    from milkit.training.trainer import TrainConfig
+    from milkit.training.config import TrainConfig
 
     cfg = TrainConfig.for_model("dsmil", "official")  # every preset key is a valid option
     assert (cfg.scheduler, cfg.min_lr, cfg.patience) == ("cosine-epoch", 5e-6, 11)

@@ -156,7 +156,7 @@ def test_official_init_and_training_preset():
 
 
 def test_training_preset_is_a_valid_train_config():
-    from milkit.training.trainer import TrainConfig
+    from milkit.training.config import TrainConfig
 
     cfg = TrainConfig.for_model("r2t-abmil", "official")
     assert (cfg.optimizer, cfg.lr, cfg.scheduler, cfg.epochs) == ("adam", 2e-4, "cosine-epoch", 200)
@@ -167,7 +167,8 @@ def test_official_presets_step_the_cosine_per_epoch_like_cosine_annealing_lr(nam
     """MHIM-MIL and R2T-MIL main.py: CosineAnnealingLR(T_max=num_epoch, eta_min=0) stepped once
     per epoch (before: milkit stepped the cosine per iteration). The LR of every optimiser step
     equals the official one."""
-    from milkit.training.trainer import TrainConfig, _cosine_epoch_lambda
+    from milkit.training.config import TrainConfig
+    from milkit.training.trainer import _cosine_epoch_lambda
 
     cfg = TrainConfig.for_model(name, "official", epochs=7)
     assert cfg.scheduler == "cosine-epoch"

@@ -261,7 +261,8 @@ def _toy_task(n_bags: int = 16, seed: int = 0):
 
 @pytest.mark.slow
 def test_trains_through_the_trainer_with_the_official_preset():
-    from milkit.training.trainer import TrainConfig, Trainer
+    from milkit.training.config import TrainConfig
+    from milkit.training.trainer import Trainer
 
     torch.manual_seed(0)
     config = TrainConfig.for_model("scmil-abmil", "official", epochs=3, progress=False, seed=0)

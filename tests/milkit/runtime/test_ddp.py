@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from milkit.training.trainer import TrainConfig, Trainer
+from milkit.training.config import TrainConfig
+from milkit.training.trainer import Trainer
 from tests.milkit.training._train_helpers import (
     SOFTMAX_INVARIANT,
     datasets,

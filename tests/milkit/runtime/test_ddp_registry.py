@@ -61,7 +61,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     # A short collective timeout: a model that fails on one rank only must not hang the test.
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     from milkit.runtime.distributed import cleanup_distributed
-    from milkit.training.trainer import TrainConfig, Trainer
+    from milkit.training.config import TrainConfig
+    from milkit.training.trainer import Trainer
 
     results: dict[str, dict] = {}
     for name in NAMES:
@@ -113,7 +114,7 @@ def _cv_worker(rank: int, world: int, port: int, root: str) -> None:
     from milkit.data.labels import load_labels
     from milkit.runtime.distributed import cleanup_distributed
     from milkit.training import cv
-    from milkit.training.trainer import TrainConfig
+    from milkit.training.config import TrainConfig
 
     if rank == 1:  # a slow rank: it checks the run folder after rank 0 reached its write
         check = cv._check_existing_run

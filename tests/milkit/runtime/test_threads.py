@@ -60,7 +60,8 @@ def test_intra_op_threads_restores_the_setting(two_threads):
 def test_trainer_and_predict_run_small_bags_on_one_thread(two_threads, tmp_path):
     """Fault 9: tiny bags trained with every core's threads (sync overhead); now one thread
     during the fit and the predictions, and the caller's setting afterwards."""
-    from milkit.training.trainer import TrainConfig, Trainer, predict
+    from milkit.training.config import TrainConfig
+    from milkit.training.trainer import Trainer, predict
     from tests.milkit.training._train_helpers import datasets, small_abmil
 
     train, val = datasets(n_train=6, n_val=2)

@@ -13,9 +13,9 @@ from milkit.data.labels import load_labels
 from milkit.data.splits import load_splits
 from milkit.errors import MilkitError
 from milkit.io.bags import write_bag
+from milkit.training.config import TrainConfig
 from milkit.training.cv import cross_validate, format_summary
 from milkit.training.inference import load_checkpoint
-from milkit.training.trainer import TrainConfig
 from tests.milkit.training._train_helpers import one_thread, planted_bags  # noqa: F401 (fixture)
 
 

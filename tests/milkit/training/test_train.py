@@ -16,15 +16,9 @@ from milkit.data.sampling import balanced_weights
 from milkit.errors import MilkitError
 from milkit.models.base import MILModel, MILOutput
 from milkit.runtime.distributed import EpochSampler
+from milkit.training.config import TrainConfig
 from milkit.training.inference import load_checkpoint
-from milkit.training.trainer import (
-    Predictions,
-    TrainConfig,
-    Trainer,
-    _cosine_lambda,
-    fit_model,
-    predict,
-)
+from milkit.training.trainer import Predictions, Trainer, _cosine_lambda, fit_model, predict
 from tests.milkit.training._train_helpers import (
     SOFTMAX_INVARIANT,
     datasets,

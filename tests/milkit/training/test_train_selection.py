@@ -18,9 +18,11 @@ from milkit.errors import MilkitError
 from milkit.io.bags import write_bag
 from milkit.io.checkpoint import read_checkpoint
 from milkit.io.runs import fold_checkpoints
+from milkit.training.config import TrainConfig
 from milkit.training.cv import cross_validate
 from milkit.training.inference import load_checkpoint
-from milkit.training.trainer import MIN_VAL_SLIDES, TrainConfig, Trainer
+from milkit.training.selection import MIN_VAL_SLIDES
+from milkit.training.trainer import Trainer
 from tests.milkit.training._train_helpers import datasets, one_thread, planted_bags, small_abmil  # noqa: F401
 from tests.milkit.training.test_cv import make_cohort
 

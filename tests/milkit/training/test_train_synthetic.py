@@ -28,10 +28,11 @@ def test_abmil_learns_synthetic_tumour_and_attends_to_it(tmp_path):
         tumour_fraction_of_tiles,
     )
     from milkit.io.bags import read_bag
+    from milkit.training.config import TrainConfig
     from milkit.training.cv import cross_validate
     from milkit.training.inference import load_checkpoint
     from milkit.training.metrics import classification_metrics
-    from milkit.training.trainer import TrainConfig, predict
+    from milkit.training.trainer import predict
 
     slides = tmp_path / "slides"
     cohort = make_synthetic_cohort(slides, N_SLIDES, size=(2048, 2048), tumour_fraction=0.08,
