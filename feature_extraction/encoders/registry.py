@@ -479,13 +479,11 @@ class PatchEncoder(nn.Module):
 
     def _fuse(self, batch_size: int) -> None:
         """Run batches with the oneDNN-fused graph of the (BatchNorm-folded) runner; checked
-        against the model as loaded before it is used."""
+        against that runner before it is used (the folding itself: test_fast_path)."""
         from milkit.feature_extraction.encoders.onednn import fuse_for_onednn
 
         try:
-            fused = fuse_for_onednn(
-                self.runner, self.cfg.input_size, batch_size, reference=self.model
-            )
+            fused = fuse_for_onednn(self.runner, self.cfg.input_size, batch_size)
         except Exception as err:  # eager gives the same features, only slower
             _warn_eager(f"oneDNN fusion of encoder {self.cfg.name!r}", err)
             self._fuse_failed = True
