@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             "mil_respecting": r.mil_respecting,
             "seeds": len(r.seeds),
             "epochs": [s.epochs for s in r.seeds],
+            "per_seed_test_auc": [s.test_auc for s in r.seeds],
             "seconds": round(r.wall_s, 1),
             "error": r.error,
         }
