@@ -82,7 +82,12 @@ def fusable(model: nn.Module) -> bool:
 
 
 def fuse_for_onednn(
-    model: nn.Module, input_size: int, batch_size: int, *, reference: nn.Module | None = None
+    model: nn.Module,
+    input_size: int,
+    batch_size: int,
+    *,
+    example: torch.Tensor | None = None,
+    reference: nn.Module | None = None,
 ) -> fx.GraphModule:
     """A copy of ``model`` (eval mode, fp32, CPU) with its convolutions fused for oneDNN.
 
@@ -92,9 +97,10 @@ def fuse_for_onednn(
         input_size: S, the side of the input images.
         batch_size: the batch the weights are laid out for (other batch sizes run correctly,
             a little slower).
-        reference: the model whose features the fused one must give (default ``model``, whose
-            output comes free with the shape pass), compared on a fixed random input before
-            the fused model is returned.
+        example: one input (1, 3, S, S), e.g. the run's first tile, that the shapes are
+            propagated with and the check runs on (default: a fixed random input).
+        reference: the model whose features the fused one must give on ``example`` (default
+            ``model``, whose output comes free with the shape pass).
 
     Returns:
         A ``torch.fx.GraphModule`` with the same inputs and outputs (channels_last in, as the
@@ -112,7 +118,7 @@ def fuse_for_onednn(
     # is copied (the fused convolutions get their own, reordered ones).
     traced = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
     gm = fx.GraphModule(traced, copy.deepcopy(traced.graph))
-    example = _check_input(input_size)
+    example = _check_input(input_size) if example is None else example[:1]
     graph = gm.graph
     modules = dict(gm.named_modules())
     for node in list(graph.nodes):  # timm's drop_block / aa placeholders: nothing to run

@@ -361,6 +361,7 @@ class PatchEncoder(nn.Module):
         # encoders, torch.compile for long runs of the others), "on" (torch.compile), "off".
         self.compile = "off"
         self.fused = False  # the runner is the oneDNN-fused graph (encoders.onednn)
+        self._fuse_batch = 0  # > 0: fuse on the first batch, weights laid out for this size
         self._fuse_failed = False
         # What runs the batches when it is not ``model`` itself (BatchNorm folded, compiled, or
         # another runtime); kept in a tuple so that it is not a second copy in the state_dict.
@@ -433,10 +434,12 @@ class PatchEncoder(nn.Module):
         machine (2 threads; eager 8.5–9.2 patches/s in the loop):
 
         - ``compile="auto"`` and an encoder with ``cfg.cpu_fuse`` (resnet50-trunc): the oneDNN
-          fusion (:func:`~milkit.feature_extraction.encoders.onednn.fuse_for_onednn`) on the
-          first call, whatever the run's length: ready in ~1 s and 12.5–13.3/s, as fast as
-          ``torch.compile`` (12.8–12.9/s) which takes 8 s (cached) to 18–35 s (cold) to compile,
-          so compiling never pays off for it.
+          fusion (:func:`~milkit.feature_extraction.encoders.onednn.fuse_for_onednn`), whatever
+          the run's length, built on the first batch and checked on its first tile (the only
+          extra work: that tile through the eager and the fused model, and laying out the
+          weights, ~0.2–0.5 s): 12.5–13.3/s in the loop, as fast as ``torch.compile``
+          (12.8–12.9/s), which takes 8 s (cached) to 18–35 s (cold) to compile, so compiling
+          never pays off for it.
         - ``compile="auto"``, other encoders: ``torch.compile`` (inductor, frozen weights) once
           the run's slides so far (this one included) add up to :data:`COMPILE_MIN_TILES`
           tiles, so a cohort of small slides is compiled too; ``compile="on"``: at once.
@@ -447,14 +450,15 @@ class PatchEncoder(nn.Module):
         same either way (cosine ≥ 0.99999 per tile, tests/feature_extraction/test_fast_path.py).
         """
         self._run_tiles += n_tiles
-        if self.compiled or self.fused or self.compile == "off" or self.runtime != "torch":
+        if self.compiled or self.fused or self._fuse_batch:
+            return
+        if self.compile == "off" or self.runtime != "torch":
             return
         if self.device.type != "cpu" or self.precision != "fp32":
             return
         if self.compile == "auto" and self.cfg.cpu_fuse and not self._fuse_failed:
-            self._fuse(batch_size)
-            if self.fused:
-                return
+            self._fuse_batch = batch_size  # forward() fuses on the first batch
+            return
         if self.compile == "auto" and (
             self._run_tiles < COMPILE_MIN_TILES or not self.cfg.weights_required
         ):
@@ -477,23 +481,30 @@ class PatchEncoder(nn.Module):
         self._eager, self._compiled_batch = (eager,), batch_size
         self.set_runner(compiled)
 
-    def _fuse(self, batch_size: int) -> None:
-        """Run batches with the oneDNN-fused graph of the (BatchNorm-folded) runner; checked
-        against that runner before it is used (the folding itself: test_fast_path)."""
+    def _fuse_on(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of the first batch ``x``, by the oneDNN-fused graph of the (BatchNorm-folded)
+        runner, which from now on runs every batch; checked first against that runner on the
+        batch's first tile (the folding itself: test_fast_path). A failure warns, and the
+        batch and the run stay eager."""
         from milkit.feature_extraction.encoders.onednn import fuse_for_onednn
 
+        batch, self._fuse_batch = self._fuse_batch, 0
         try:
-            fused = fuse_for_onednn(self.runner, self.cfg.input_size, batch_size)
+            fused = fuse_for_onednn(self.runner, self.cfg.input_size, batch, example=x[:1])
+            out = fused(x)
         except Exception as err:  # eager gives the same features, only slower
             _warn_eager(f"oneDNN fusion of encoder {self.cfg.name!r}", err)
             self._fuse_failed = True
-            return
+            return self.runner(x)
         self.set_runner(fused)
         self.fused = True
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features of a preprocessed batch, under autocast at ``self.precision``, as float32."""
         b = x.shape[0]
+        if self._fuse_batch:
+            return self._fuse_on(x).float()
         full = self._compiled_batch
         if self.compiled and full // 2 <= b < full:
             # One static shape: a short last batch is padded instead of compiled again.
