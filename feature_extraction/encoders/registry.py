@@ -437,9 +437,10 @@ class PatchEncoder(nn.Module):
           fusion (:func:`~milkit.feature_extraction.encoders.onednn.fuse_for_onednn`), whatever
           the run's length, built on the first batch and checked on its first tile (the only
           extra work: that tile through the eager and the fused model, and laying out the
-          weights, ~0.2–0.5 s): 12.5–13.3/s in the loop, as fast as ``torch.compile``
-          (12.8–12.9/s), which takes 8 s (cached) to 18–35 s (cold) to compile, so compiling
-          never pays off for it.
+          weights; the run's preparation is 1.1–1.2 s against eager's 0.5–0.7 s, first
+          oneDNN kernels included, in benchmarks/bench_extract.py): 12.5–13.3/s in the loop,
+          as fast as ``torch.compile`` (12.8–12.9/s; 11.8 vs 11.5/s end to end), which takes
+          8 s (cached) to 18–35 s (cold) to compile, so compiling never pays off for it.
         - ``compile="auto"``, other encoders: ``torch.compile`` (inductor, frozen weights) once
           the run's slides so far (this one included) add up to :data:`COMPILE_MIN_TILES`
           tiles, so a cohort of small slides is compiled too; ``compile="on"``: at once.
