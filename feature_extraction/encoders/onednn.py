@@ -108,7 +108,7 @@ def fuse_for_onednn(
 
     Raises:
         RuntimeError: ``model`` has nothing to fuse, or the fused model's features differ from
-            ``reference``'s (cosine < :data:`CHECK_COSINE` on the check batch).
+            ``reference``'s on ``example`` (cosine < :data:`CHECK_COSINE`).
         Exception: whatever ``torch.fx`` tracing or the oneDNN operators raise (untraceable
             model, operators missing in this PyTorch).
     """
@@ -129,13 +129,11 @@ def fuse_for_onednn(
         want = ShapeProp(gm).propagate(example.clone())
         if reference is not None:
             want = reference(example.clone())
-    n_fused = 0
     for node in list(graph.nodes):
         conv = modules.get(node.target) if node.op == "call_module" else None
         if conv is None or not _convertible(conv):
             continue
         _fuse_node(gm, node, conv, modules, batch_size)
-        n_fused += 1
     graph.eliminate_dead_code()
     _mark_inplace_residuals(gm)
     graph.lint()
