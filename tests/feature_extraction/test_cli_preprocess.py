@@ -132,4 +132,4 @@ def test_preprocess_help_lists_every_choice(capsys):
     out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     assert f"(one of: {', '.join(PRESETS)})" in out and "biopsy" in out
     assert f"(one of: {', '.join(list_encoders())})" in out
-    assert "{auto,fp32,fp16,bf16}" in out
+    assert "{auto,fp32,fp16,bf16,int8}" in out
