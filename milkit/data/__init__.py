@@ -6,8 +6,7 @@ importing a light submodule such as ``milkit.data.label_cells`` does not import 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from milkit import lazy_exports
 
 _EXPORTS = {
     "LabelTable": "labels",
@@ -21,8 +20,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"milkit.data.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'milkit.data' has no attribute {name!r}")
+__getattr__ = lazy_exports("milkit.data", _EXPORTS)

@@ -6,8 +6,7 @@ The names below are importable from ``milkit.training`` directly (loaded on firs
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from milkit import lazy_exports
 
 _EXPORTS = {
     "TrainConfig": "config",
@@ -24,8 +23,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"milkit.training.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'milkit.training' has no attribute {name!r}")
+__getattr__ = lazy_exports("milkit.training", _EXPORTS)
